@@ -1,0 +1,74 @@
+"""Choosing MLX's device, and giving its CPU device a fast BLAS.
+
+MLX's Linux CPU wheel links a slow reference BLAS for float32 matmuls; the
+system OpenBLAS, loaded globally before MLX is first imported, replaces it.
+"""
+
+import ctypes
+import logging
+import os
+import sys
+
+from vllm_metal import envs
+
+logger = logging.getLogger("vllm_metal")
+
+OPENBLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
+)
+_blas_loaded: str | None = None
+
+
+def preload_blas() -> str | None:
+    """Load a fast BLAS globally; must run before ``import mlx``."""
+    global _blas_loaded
+    if _blas_loaded is not None or not sys.platform.startswith("linux"):
+        return _blas_loaded
+    choice = envs.VLLM_METAL_BLAS
+    paths = OPENBLAS_CANDIDATES if choice == "auto" else (choice,)
+    for path in paths:
+        if os.path.exists(path):
+            if "mlx.core" in sys.modules:
+                logger.warning("MLX was imported before %s could be loaded; float32 on CPU stays slow", path)
+                return None
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            _blas_loaded = path
+            return path
+    if choice != "auto":
+        raise envs.SettingError(f"VLLM_METAL_BLAS={choice!r}: no such file")
+    return None
+
+
+def mlx_available() -> bool:
+    try:
+        preload_blas()
+        import mlx.core  # noqa: F401
+    except Exception as exc:  # a broken MLX install means "not our platform"
+        logger.debug("MLX is not importable: %s", exc)
+        return False
+    return True
+
+
+def select_device():
+    """Set and return MLX's default device from VLLM_MLX_DEVICE."""
+    preload_blas()
+    import mlx.core as mx
+
+    wanted = envs.VLLM_MLX_DEVICE
+    if wanted == "gpu" and not mx.is_available(mx.gpu):
+        logger.info("VLLM_MLX_DEVICE=gpu but MLX has no GPU here; using the MLX CPU device")
+        wanted = "cpu"
+    device = mx.gpu if wanted == "gpu" else mx.cpu
+    mx.set_default_device(device)
+    return mx.default_device()
+
+
+def describe() -> str:
+    import mlx.core as mx
+
+    device = mx.default_device()
+    if device.type == mx.gpu:
+        info = mx.device_info() if hasattr(mx, "device_info") else {}
+        return f"MLX GPU ({info.get('device_name', 'gpu')})"
+    return f"MLX CPU ({'OpenBLAS' if _blas_loaded else 'bundled BLAS'})"

@@ -1,0 +1,116 @@
+"""Every ``VLLM_METAL_*`` setting, in one table.
+
+| variable | default | meaning |
+| --- | --- | --- |
+| VLLM_METAL_USE_MLX | 1 | 0 switches the plugin off; vLLM then picks its own platform |
+| VLLM_MLX_DEVICE | gpu | gpu or cpu; gpu falls back to cpu (with a log line) where MLX has no GPU |
+| VLLM_METAL_MEMORY_FRACTION | 0.9 | share of the machine's memory this engine may use for weights + KV cache |
+| VLLM_METAL_BLOCK_SIZE | 16 | tokens per KV-cache block (vLLM's --block-size wins when given) |
+| VLLM_METAL_DEBUG | 0 | 1 logs each step's batch composition and timings |
+| VLLM_METAL_DEQUANTIZE | auto | auto, 1 or 0: dequantize quantized weights at load (auto: only on the CPU device, where MLX's quantized kernels are slow) |
+| VLLM_METAL_BLAS | auto | auto or a path: the BLAS library MLX's CPU device uses for float32 (auto: the system OpenBLAS when present) |
+
+A bad value stops startup with a message naming the variable and what it accepts.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+
+class SettingError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str
+    parse: Callable[[str], object]
+    help: str
+
+
+def _flag(name: str) -> Callable[[str], bool]:
+    def parse(raw: str) -> bool:
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingError(f"{name}={raw!r} is not a flag: use 1 or 0")
+
+    return parse
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise SettingError(f"{name}={raw!r}: use one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _fraction(name: str) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not 0.0 < value <= 1.0:
+            raise SettingError(f"{name}={raw!r}: use a number in (0, 1], e.g. 0.7")
+        return value
+
+    return parse
+
+
+def _block_size(name: str) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        if not raw.strip().isdigit() or int(raw) not in (8, 16, 32, 64, 128, 256):
+            raise SettingError(f"{name}={raw!r}: use one of 8, 16, 32, 64, 128, 256")
+        return int(raw)
+
+    return parse
+
+
+def _text(name: str) -> Callable[[str], str]:
+    return lambda raw: raw.strip()
+
+
+_SETTINGS = [
+    Setting("VLLM_METAL_USE_MLX", "1", _flag("VLLM_METAL_USE_MLX"), "plugin on/off"),
+    Setting("VLLM_MLX_DEVICE", "gpu", _choice("VLLM_MLX_DEVICE", ("gpu", "cpu")), "MLX device"),
+    Setting(
+        "VLLM_METAL_MEMORY_FRACTION",
+        "0.9",
+        _fraction("VLLM_METAL_MEMORY_FRACTION"),
+        "memory share for weights + KV cache",
+    ),
+    Setting("VLLM_METAL_BLOCK_SIZE", "16", _block_size("VLLM_METAL_BLOCK_SIZE"), "KV block size"),
+    Setting("VLLM_METAL_DEBUG", "0", _flag("VLLM_METAL_DEBUG"), "debug logging"),
+    Setting(
+        "VLLM_METAL_DEQUANTIZE",
+        "auto",
+        _choice("VLLM_METAL_DEQUANTIZE", ("auto", "1", "0")),
+        "dequantize weights at load",
+    ),
+    Setting("VLLM_METAL_BLAS", "auto", _text("VLLM_METAL_BLAS"), "BLAS library for MLX on CPU"),
+]
+SETTINGS = {s.name: s for s in _SETTINGS}
+
+
+def get(name: str):
+    setting = SETTINGS[name]
+    return setting.parse(os.environ.get(name, setting.default))
+
+
+def validate_all() -> None:
+    """Parse every setting now, so a typo stops startup instead of a later step."""
+    for name in SETTINGS:
+        get(name)
+
+
+def __getattr__(name: str):
+    if name in SETTINGS:
+        return get(name)
+    raise AttributeError(name)

@@ -1,0 +1,360 @@
+"""Scheduler output in, sampled tokens out.
+
+One step: ``update_states`` folds the scheduler's decisions into vLLM's
+persistent ``InputBatch``; ``plan_groups`` splits the scheduled requests into
+forward groups (all single-token decodes together, each prompt chunk alone);
+each group runs one MLX forward on the paged cache; ``sample_tokens`` hands the
+logits to vLLM's own torch ``Sampler`` (every sampling option with vLLM's
+semantics) and books the results.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+import torch
+from vllm.sampling_params import SamplingType
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsTensors, ModelRunnerOutput
+from vllm.v1.sample.logits_processor import build_logitsprocs
+from vllm.v1.sample.sampler import Sampler
+from vllm.v1.structured_output.utils import apply_grammar_bitmask
+from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+
+from vllm_metal import envs
+from vllm_metal.attention.paged import BatchPlan, PagedKVCache
+from vllm_metal.models.adapter import CausalLM
+from vllm_metal.models.loader import load_model, mx_dtype
+
+logger = logging.getLogger("vllm_metal")
+
+CPU = torch.device("cpu")
+
+
+@dataclass
+class ForwardGroup:
+    """Rows of the input batch that run as one padded [B, L] forward."""
+
+    rows: list[int]
+    query_lens: list[int]
+    starts: list[int]
+
+
+@dataclass
+class StepState:
+    """What ``execute_model`` leaves for ``sample_tokens``."""
+
+    scheduler_output: object
+    logits: mx.array  # [num_reqs, vocab], batch order
+    prompt_logits: dict[str, mx.array] = field(default_factory=dict)  # [chunk, vocab]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class MetalModelRunner:
+    def __init__(self, vllm_config):
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
+        self.cache_config = vllm_config.cache_config
+        self.scheduler_config = vllm_config.scheduler_config
+        self.max_num_reqs = self.scheduler_config.max_num_seqs
+        self.max_model_len = self.model_config.max_model_len
+        self.block_size = self.cache_config.block_size
+        self.dtype = self.model_config.dtype
+
+        self.requests: dict[str, CachedRequestState] = {}
+        self.num_prompt_logprobs: dict[str, int] = {}
+        self.sampler = Sampler(logprobs_mode=self.model_config.logprobs_mode)
+        self.model: CausalLM | None = None
+        self.kv_cache: PagedKVCache | None = None
+        self.input_batch: InputBatch | None = None
+        self.step_state: StepState | None = None
+        self.debug = envs.VLLM_METAL_DEBUG
+
+    # ---- setup -------------------------------------------------------------
+    def load_model(self) -> None:
+        self.model = CausalLM(load_model(self.model_config.model, self.dtype))
+
+    def kv_layer_names(self) -> list[str]:
+        return [f"model.layers.{i}.self_attn" for i in range(self.model.num_layers)]
+
+    def get_kv_cache_spec(self) -> dict[str, FullAttentionSpec]:
+        spec = FullAttentionSpec(
+            block_size=self.block_size,
+            num_kv_heads=self.model_config.get_total_num_kv_heads(),
+            head_size=self.model_config.get_head_size(),
+            dtype=self.dtype,
+        )
+        return {name: spec for name in self.kv_layer_names()}
+
+    def kv_bytes_per_block(self) -> int:
+        return PagedKVCache.bytes_per_block(
+            self.model.num_layers,
+            self.block_size,
+            self.model_config.get_total_num_kv_heads(),
+            self.model_config.get_head_size(),
+            self.dtype.itemsize,
+        )
+
+    def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
+        num_blocks = kv_cache_config.num_blocks
+        self.kv_cache = PagedKVCache(
+            num_layers=self.model.num_layers,
+            num_blocks=num_blocks,
+            block_size=self.block_size,
+            num_kv_heads=self.model_config.get_total_num_kv_heads(),
+            head_dim=self.model_config.get_head_size(),
+            dtype=mx_dtype(self.dtype),
+        )
+        self.input_batch = InputBatch(
+            max_num_reqs=self.max_num_reqs,
+            max_model_len=self.max_model_len,
+            max_num_batched_tokens=self.scheduler_config.max_num_batched_tokens,
+            device=CPU,
+            vocab_size=self.model_config.get_vocab_size(),
+            block_sizes=[self.block_size],
+            max_num_blocks_per_req=[-(-self.max_model_len // self.block_size)],
+            logitsprocs=build_logitsprocs(self.vllm_config, CPU, False, False, ()),
+            is_pooling_model=False,
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GB)",
+            num_blocks,
+            self.block_size,
+            num_blocks * self.block_size,
+            num_blocks * self.kv_bytes_per_block() / 1e9,
+        )
+
+    def warm_up(self) -> None:
+        """One single-token forward into the null block (block 0, never handed to
+        requests), so the first request does not pay for MLX's first-call setup."""
+        plan = BatchPlan.build(np.zeros((1, 1), np.int32), [0], [1], self.block_size,
+                               self.kv_cache.scratch_slot)
+        hidden = self.model.hidden_states(mx.zeros((1, 1), mx.int32),
+                                          self.kv_cache.layer_views(plan))
+        mx.eval(self.model.logits(hidden[:, -1]))
+
+    # ---- step: states ------------------------------------------------------
+    def update_states(self, scheduler_output) -> None:
+        batch = self.input_batch
+        for req_id in scheduler_output.finished_req_ids:
+            self.requests.pop(req_id, None)
+            self.num_prompt_logprobs.pop(req_id, None)
+            batch.remove_request(req_id)
+
+        scheduled = scheduler_output.num_scheduled_tokens.keys()
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id in batch.req_id_to_index.keys() - (scheduled - cached.resumed_req_ids):
+            batch.remove_request(req_id)
+
+        to_add = [self._new_request(data) for data in scheduler_output.scheduled_new_reqs]
+
+        for i, req_id in enumerate(cached.req_ids):
+            state = self.requests[req_id]
+            state.num_computed_tokens = cached.num_computed_tokens[i]
+            new_blocks = cached.new_block_ids[i]
+            num_output = cached.num_output_tokens[i]
+            if num_output < len(state.output_token_ids):
+                del state.output_token_ids[num_output:]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = new_blocks
+                to_add.append(state)
+                continue
+            if new_blocks is not None:
+                for ids, new_ids in zip(state.block_ids, new_blocks):
+                    ids.extend(new_ids)
+            index = batch.req_id_to_index.get(req_id)
+            if index is None:
+                to_add.append(state)
+                continue
+            batch.num_computed_tokens_cpu[index] = state.num_computed_tokens
+            if new_blocks is not None:
+                batch.block_table.append_row(new_blocks, index)
+
+        for state in to_add:
+            batch.add_request(state)
+        batch.condense()
+        batch.refresh_metadata()
+
+    def _new_request(self, data) -> CachedRequestState:
+        params = data.sampling_params
+        generator = None
+        if params is not None and params.sampling_type == SamplingType.RANDOM_SEED:
+            generator = torch.Generator(device=CPU)
+            generator.manual_seed(params.seed)
+        state = CachedRequestState(
+            req_id=data.req_id,
+            prompt_token_ids=data.prompt_token_ids,
+            mm_features=data.mm_features,
+            sampling_params=params,
+            generator=generator,
+            block_ids=tuple(list(ids) for ids in data.block_ids),
+            num_computed_tokens=data.num_computed_tokens,
+            output_token_ids=[],
+            lora_request=data.lora_request,
+        )
+        if data.prompt_token_ids is None:
+            raise ValueError("vllm-metal needs prompt token ids (prompt embeddings are not supported)")
+        self.requests[data.req_id] = state
+        if params is not None and params.prompt_logprobs is not None:
+            self.num_prompt_logprobs[data.req_id] = (
+                self.input_batch.vocab_size if params.prompt_logprobs == -1 else params.prompt_logprobs
+            )
+        return state
+
+    # ---- step: forward -----------------------------------------------------
+    def execute_model(self, scheduler_output):
+        t0 = time.perf_counter()
+        self.update_states(scheduler_output)
+        if scheduler_output.total_num_scheduled_tokens == 0 or self.input_batch.num_reqs == 0:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        t1 = time.perf_counter()
+        groups = self.plan_groups(scheduler_output.num_scheduled_tokens)
+        rows_logits, prompt_logits = [], {}
+        for i, group in enumerate(groups):
+            logits = self._run_group(group, prompt_logits)
+            rows_logits.append((group.rows, logits))
+            # Each group must finish before the next writes the same KV pools:
+            # a pool still referenced by a pending graph would be copied, not updated.
+            (mx.eval if i + 1 < len(groups) else mx.async_eval)(logits, prompt_logits)
+        order = np.argsort(np.concatenate([rows for rows, _ in rows_logits]))
+        logits = mx.concatenate([lg for _, lg in rows_logits], axis=0)
+        if len(groups) > 1:
+            logits = logits[mx.array(order)]
+        self.step_state = StepState(
+            scheduler_output, logits, prompt_logits,
+            {"prepare": t1 - t0, "forward_issue": time.perf_counter() - t1},
+        )
+        return None
+
+    def plan_groups(self, num_scheduled: dict[str, int]) -> list[ForwardGroup]:
+        batch = self.input_batch
+        decode = ForwardGroup([], [], [])
+        groups = []
+        for row, req_id in enumerate(batch.req_ids):
+            n = num_scheduled[req_id]
+            start = int(batch.num_computed_tokens_cpu[row])
+            if n == 1 and req_id not in self.num_prompt_logprobs:
+                decode.rows.append(row)
+                decode.query_lens.append(1)
+                decode.starts.append(start)
+            else:
+                groups.append(ForwardGroup([row], [n], [start]))
+        return ([decode] if decode.rows else []) + groups
+
+    def _run_group(self, group: ForwardGroup, prompt_logits: dict) -> mx.array:
+        batch = self.input_batch
+        rows = np.array(group.rows)
+        qlens = np.array(group.query_lens)
+        L = int(qlens.max())
+        tokens = np.zeros((len(rows), L), dtype=np.int32)
+        for i, row in enumerate(group.rows):
+            start = group.starts[i]
+            tokens[i, : qlens[i]] = batch.token_ids_cpu[row, start : start + qlens[i]]
+        block_table = batch.block_table[0].get_numpy_array()[rows]
+        plan = BatchPlan.build(block_table, group.starts, qlens, self.block_size,
+                               self.kv_cache.scratch_slot)
+        hidden = self.model.hidden_states(mx.array(tokens), self.kv_cache.layer_views(plan))
+        last = hidden[mx.arange(len(rows)), mx.array(qlens - 1)]
+        for i, row in enumerate(group.rows):
+            req_id = batch.req_ids[row]
+            if req_id in self.num_prompt_logprobs:
+                prompt_logits[req_id] = self.model.logits(hidden[i, : qlens[i]])
+        return self.model.logits(last)
+
+    # ---- step: sampling ----------------------------------------------------
+    def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
+        state = self.step_state
+        if state is None:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        self.step_state = None
+        t0 = time.perf_counter()
+        batch = self.input_batch
+        logits = torch.from_numpy(np.array(state.logits.astype(mx.float32)))
+        t1 = time.perf_counter()
+        if grammar_output is not None:
+            apply_grammar_bitmask(state.scheduler_output, grammar_output, batch, logits)
+
+        discard = self._rows_still_in_prefill(state.scheduler_output)
+        saved_rng = {row: batch.generators[row].get_state() for row in discard if row in batch.generators}
+        output = self.sampler(logits=logits, sampling_metadata=batch.sampling_metadata)
+        for row, rng in saved_rng.items():
+            batch.generators[row].set_state(rng)
+
+        sampled = output.sampled_token_ids.tolist()
+        for row in discard:
+            sampled[row] = []
+        self._append_sampled(sampled)
+        prompt_logprobs = self._prompt_logprobs(state)
+        result = ModelRunnerOutput(
+            req_ids=list(batch.req_ids),
+            req_id_to_index=dict(batch.req_id_to_index),
+            sampled_token_ids=sampled,
+            logprobs=output.logprobs_tensors.tolists() if output.logprobs_tensors is not None else None,
+            prompt_logprobs_dict=prompt_logprobs,
+        )
+        if self.debug:
+            t2 = time.perf_counter()
+            logger.info(
+                "step: %d reqs, %d tokens | prepare %.1f ms, forward issue %.1f ms, "
+                "forward wait %.1f ms, sample %.1f ms",
+                batch.num_reqs, state.scheduler_output.total_num_scheduled_tokens,
+                state.timings["prepare"] * 1e3, state.timings["forward_issue"] * 1e3,
+                (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+            )
+        return result
+
+    def _rows_still_in_prefill(self, scheduler_output) -> list[int]:
+        """Rows whose scheduled tokens end before the prompt (and any recomputed
+        output) does: their sampled token is not a real next token."""
+        batch = self.input_batch
+        rows = []
+        for row, req_id in enumerate(batch.req_ids):
+            end = batch.num_computed_tokens_cpu[row] + scheduler_output.num_scheduled_tokens[req_id]
+            if end < batch.num_tokens_no_spec[row]:
+                rows.append(row)
+        return rows
+
+    def _append_sampled(self, sampled: list[list[int]]) -> None:
+        batch = self.input_batch
+        for row, ids in enumerate(sampled):
+            if not ids:
+                continue
+            start = int(batch.num_tokens_no_spec[row])
+            end = start + len(ids)
+            batch.token_ids_cpu[row, start:end] = ids
+            batch.is_token_ids[row, start:end] = True
+            batch.num_tokens_no_spec[row] = end
+            self.requests[batch.req_ids[row]].output_token_ids.extend(ids)
+
+    def _prompt_logprobs(self, state: StepState) -> dict:
+        result = {}
+        finished = []
+        for req_id, chunk_logits in state.prompt_logits.items():
+            request = self.requests[req_id]
+            num_prompt = len(request.prompt_token_ids)
+            k = self.num_prompt_logprobs[req_id]
+            if request.in_progress_prompt_logprobs_cpu is None:
+                request.in_progress_prompt_logprobs_cpu = LogprobsTensors.empty_cpu(num_prompt - 1, k + 1)
+            tensors = request.in_progress_prompt_logprobs_cpu
+            start = request.num_computed_tokens
+            remaining = num_prompt - (start + 1)
+            count = min(chunk_logits.shape[0], remaining)
+            if chunk_logits.shape[0] > remaining:
+                finished.append(req_id)
+                result[req_id] = tensors
+            if count <= 0:
+                continue
+            logits = torch.from_numpy(np.array(chunk_logits[:count].astype(mx.float32)))
+            targets = torch.tensor(request.prompt_token_ids[start + 1 : start + 1 + count])
+            token_ids, logprobs, ranks, *_ = self.sampler.gather_logprobs(
+                self.sampler.compute_logprobs(logits), k, targets
+            )
+            tensors.logprob_token_ids[start : start + count].copy_(token_ids)
+            tensors.logprobs[start : start + count].copy_(logprobs)
+            tensors.selected_token_ranks[start : start + count].copy_(ranks)
+        for req_id in finished:
+            del self.num_prompt_logprobs[req_id]
+            self.requests[req_id].in_progress_prompt_logprobs_cpu = None
+        return result

@@ -1,0 +1,22 @@
+"""Which Hugging Face architectures run, and on which mlx-lm model definition."""
+
+# Hugging Face `architectures` entry -> mlx-lm model module (mlx_lm.models.<name>).
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def check_architecture(arch: str) -> None:
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModel(
+            f"vllm-metal cannot run architecture {arch!r}. Supported: "
+            + ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+            + ". Set VLLM_METAL_USE_MLX=0 to use vLLM's own platform instead."
+        )

@@ -1,0 +1,150 @@
+"""What vLLM sees: the MLX platform, its settings and the options it refuses."""
+
+import logging
+import os
+
+import psutil
+import torch
+from vllm.platforms.interface import Platform, PlatformEnum
+
+from vllm_metal import envs
+from vllm_metal.device import describe, select_device
+
+logger = logging.getLogger("vllm_metal")
+
+
+class UnsupportedConfig(ValueError):
+    pass
+
+
+class MetalPlatform(Platform):
+    _enum = PlatformEnum.OOT
+    device_name = "mlx"
+    # vLLM's own bookkeeping (input batch, sampler) runs on CPU torch tensors;
+    # the model itself runs in MLX.
+    device_type = "cpu"
+    dispatch_key = "CPU"
+    ray_device_key = "mlx"
+    device_control_env_var = "VLLM_METAL_VISIBLE_DEVICES"
+    dist_backend = "gloo"
+    supported_quantization = ["gguf"]
+
+    @property
+    def supported_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        select_device()
+        return describe()
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        return psutil.virtual_memory().total
+
+    @classmethod
+    def is_pin_memory_available(cls) -> bool:
+        return False
+
+    @classmethod
+    def import_kernels(cls) -> None:
+        # vLLM's compiled kernels are not used, and its x86 build assumes AVX-512.
+        return None
+
+    @classmethod
+    def inference_mode(cls):
+        return torch.no_grad()
+
+    @classmethod
+    def set_device(cls, device: torch.device) -> None:
+        return None
+
+    @classmethod
+    def get_current_memory_usage(cls, device=None) -> float:
+        import mlx.core as mx
+
+        return float(mx.get_active_memory())
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        envs.validate_all()
+        refuse_unsupported(vllm_config)
+
+        parallel = vllm_config.parallel_config
+        if parallel.worker_cls == "auto":
+            parallel.worker_cls = "vllm_metal.worker.MetalWorker"
+        if parallel.world_size == 1:
+            parallel.distributed_executor_backend = "uni"
+
+        cache = vllm_config.cache_config
+        if not cache.user_specified_block_size:
+            cache.block_size = envs.VLLM_METAL_BLOCK_SIZE
+
+        from vllm.config import CompilationMode
+        from vllm.config.compilation import CUDAGraphMode
+
+        compilation = vllm_config.compilation_config
+        compilation.mode = CompilationMode.NONE
+        compilation.cudagraph_mode = CUDAGraphMode.NONE
+        compilation.cudagraph_capture_sizes = []
+        if vllm_config.model_config is not None:
+            vllm_config.model_config.enforce_eager = True
+        vllm_config.scheduler_config.async_scheduling = False
+
+        # Metal (and MLX in general) must not be used across fork().
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+
+    @classmethod
+    def verify_model_arch(cls, model_arch: str) -> None:
+        from vllm_metal.models.registry import check_architecture
+
+        check_architecture(model_arch)
+
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
+        raise UnsupportedConfig(
+            "vllm-metal runs models in MLX and has no torch attention backend"
+        )
+
+    @classmethod
+    def get_device_communicator_cls(cls) -> str:
+        return "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
+
+    @classmethod
+    def support_hybrid_kv_cache(cls) -> bool:
+        return False
+
+
+def refuse_unsupported(vllm_config) -> None:
+    """Stop at startup for every option this platform would otherwise ignore."""
+    problems = []
+    model = vllm_config.model_config
+    cache = vllm_config.cache_config
+    parallel = vllm_config.parallel_config
+    if model is not None:
+        from vllm_metal.models.registry import check_architecture
+
+        for arch in model.architectures or []:
+            check_architecture(arch)
+        if model.runner_type != "generate":
+            problems.append(f"--runner {model.runner_type} (only text generation is supported)")
+        if model.is_multimodal_model:
+            problems.append("multimodal models (only text-only models are supported)")
+    if cache.cache_dtype not in ("auto", None):
+        problems.append(f"--kv-cache-dtype {cache.cache_dtype} (the KV cache uses the model dtype)")
+    if vllm_config.lora_config is not None:
+        problems.append("--enable-lora (LoRA adapters are not supported)")
+    if vllm_config.speculative_config is not None:
+        problems.append("--speculative-config (speculative decoding is not supported yet)")
+    if parallel.world_size > 1 or parallel.data_parallel_size > 1:
+        problems.append(
+            "tensor/pipeline/data parallel sizes above 1 (run one engine per machine for now)"
+        )
+    if vllm_config.kv_transfer_config is not None:
+        problems.append("--kv-transfer-config (KV connectors are not supported)")
+    if problems:
+        raise UnsupportedConfig(
+            "vllm-metal (MLX platform) does not support: "
+            + "; ".join(problems)
+            + ". Remove these options, or set VLLM_METAL_USE_MLX=0 to use vLLM's own platform."
+        )
