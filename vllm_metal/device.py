@@ -41,13 +41,14 @@ def preload_blas() -> str | None:
 
 
 def mlx_available() -> bool:
+    """Whether MLX is installed, without importing it: the process that asks may
+    fork the engine later, and MLX must not be initialised across a fork."""
+    import importlib.util
+
     try:
-        preload_blas()
-        import mlx.core  # noqa: F401
-    except Exception as exc:  # a broken MLX install means "not our platform"
-        logger.debug("MLX is not importable: %s", exc)
+        return importlib.util.find_spec("mlx.core") is not None
+    except (ImportError, ValueError):
         return False
-    return True
 
 
 def select_device():

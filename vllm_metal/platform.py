@@ -31,6 +31,12 @@ class MetalPlatform(Platform):
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
+        # vLLM casts float32 checkpoints to the first entry under --dtype auto.
+        # MLX's CPU kernels are fastest in float32; its GPU kernels in half precision.
+        import mlx.core as mx
+
+        if select_device().type == mx.cpu:
+            return [torch.float32, torch.bfloat16, torch.float16]
         return [torch.bfloat16, torch.float16, torch.float32]
 
     @classmethod
@@ -58,6 +64,13 @@ class MetalPlatform(Platform):
     @classmethod
     def set_device(cls, device: torch.device) -> None:
         return None
+
+    @classmethod
+    def manual_seed_all(cls, seed: int) -> None:
+        import mlx.core as mx
+
+        torch.manual_seed(seed)
+        mx.random.seed(seed)
 
     @classmethod
     def get_current_memory_usage(cls, device=None) -> float:
@@ -91,7 +104,8 @@ class MetalPlatform(Platform):
             vllm_config.model_config.enforce_eager = True
         vllm_config.scheduler_config.async_scheduling = False
 
-        # Metal (and MLX in general) must not be used across fork().
+        # Neither Metal nor a thread pool that torch or MLX already started
+        # survives fork(): the engine process would hang on its first op.
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
 
     @classmethod

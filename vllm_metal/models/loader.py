@@ -39,11 +39,11 @@ def load_model(model_path: str, torch_dtype: torch.dtype) -> nn.Module:
     gguf_file = resolve_gguf_file(model_path)
     if gguf_file is not None:
         model, _ = load_gguf_model(gguf_file, dtype=dtype, dequantize=dequantize)
-        quantized = not dequantize
+        was_quantized = True
     else:
-        model, quantized = _load_hf_directory(Path(model_path), dtype, dequantize)
+        model, was_quantized = _load_hf_directory(Path(model_path), dtype, dequantize)
     mx.eval(model.parameters())
-    if dequantize and (gguf_file is not None or quantized is False):
+    if dequantize and was_quantized:
         logger.info(
             "Quantized weights were dequantized to %s at load: MLX's quantized "
             "kernels are slow on the CPU device (VLLM_METAL_DEQUANTIZE=0 keeps them)",
@@ -66,7 +66,6 @@ def _load_hf_directory(path: Path, dtype: mx.Dtype, dequantize: bool):
     quantized = "quantization" in config
     if quantized and dequantize:
         model = dequantize_model(model)
-        quantized = False
     cast_floating_weights(model, dtype)
     return model, quantized
 
