@@ -1,0 +1,46 @@
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+# Small, fixed KV caches keep engines quick to start and let several run at once.
+KV_BYTES = 64 * 1024**2
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(arch, **overrides)`` -> path of a cached tiny random checkpoint."""
+    from vllm_metal.testing.tiny_models import write_tiny_model
+
+    made = {}
+
+    def make(arch: str, **overrides) -> str:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in made:
+            made[key] = str(write_tiny_model(arch, tmp_path_factory.mktemp(arch), **overrides))
+        return made[key]
+
+    return make
+
+
+def start_llm(model: str, **kwargs):
+    from vllm import LLM
+
+    options = dict(kv_cache_memory_bytes=KV_BYTES, max_model_len=1024, dtype="float32", seed=0)
+    options.update(kwargs)
+    return LLM(model, **options)
+
+
+def stop_llm(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
