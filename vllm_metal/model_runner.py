@@ -28,7 +28,7 @@ from vllm_metal.attention.paged import BatchPlan, PagedKVCache
 from vllm_metal.models.adapter import CausalLM
 from vllm_metal.models.loader import load_model, mx_dtype
 
-logger = logging.getLogger("vllm_metal")
+logger = logging.getLogger("vllm.metal")
 
 CPU = torch.device("cpu")
 

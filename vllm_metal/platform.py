@@ -10,7 +10,7 @@ from vllm.platforms.interface import Platform, PlatformEnum
 from vllm_metal import envs
 from vllm_metal.device import describe, select_device
 
-logger = logging.getLogger("vllm_metal")
+logger = logging.getLogger("vllm.metal")
 
 
 class UnsupportedConfig(ValueError):
@@ -82,6 +82,7 @@ class MetalPlatform(Platform):
     def check_and_update_config(cls, vllm_config) -> None:
         envs.validate_all()
         refuse_unsupported(vllm_config)
+        logger.info("vllm-metal: Metal/MLX platform selected (MLX device: %s)", describe())
 
         parallel = vllm_config.parallel_config
         if parallel.worker_cls == "auto":

@@ -9,7 +9,7 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 from vllm_metal import envs
 from vllm_metal.device import describe, select_device
 
-logger = logging.getLogger("vllm_metal")
+logger = logging.getLogger("vllm.metal")
 
 # Room kept free for activations and temporaries of a forward pass.
 ACTIVATION_RESERVE_BYTES = 512 * 1024**2

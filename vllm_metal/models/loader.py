@@ -12,7 +12,7 @@ import torch
 from vllm_metal import envs
 from vllm_metal.models.gguf import load_gguf_model, resolve_gguf_file
 
-logger = logging.getLogger("vllm_metal")
+logger = logging.getLogger("vllm.metal")
 
 TORCH_TO_MX_DTYPE = {
     torch.float32: mx.float32,

@@ -1,0 +1,78 @@
+"""Offline measurements through mlx-lm's own APIs: ``stream_generate`` for one
+stream, ``BatchGenerator`` (what ``batch_generate`` drives) for a batch.
+Runs inside a worker process that preloaded OpenBLAS before importing MLX."""
+
+import time
+
+import mlx.core as mx
+from mlx.utils import tree_map
+
+from benchmarks.offline_vllm import WARMUP_TOKENS, stream_metrics
+
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+def load(model_path: str, dtype: str):
+    """mlx-lm's loader, then a cast of the float weights (as the plugin does for --dtype)."""
+    from mlx_lm import load as mlx_lm_load
+
+    model, tokenizer = mlx_lm_load(model_path)
+    target = DTYPES[dtype]
+    model.update(
+        tree_map(
+            lambda x: x.astype(target) if mx.issubdtype(x.dtype, mx.floating) else x,
+            model.parameters(),
+        )
+    )
+    mx.eval(model.parameters())
+    tokenizer.eos_token_ids = set()  # ignore_eos, as the vLLM runs do
+    return model, tokenizer
+
+
+def token_arrival_times(model, tokenizer, prompt: list[int], max_tokens: int):
+    from mlx_lm import stream_generate
+
+    start = time.perf_counter()
+    stamps = [time.perf_counter() for _ in stream_generate(model, tokenizer, prompt, max_tokens)]
+    return start, stamps
+
+
+def single_stream(model, tokenizer, prompt: list[int], max_tokens: int) -> dict:
+    token_arrival_times(model, tokenizer, prompt[:8], WARMUP_TOKENS)
+    start, stamps = token_arrival_times(model, tokenizer, prompt, max_tokens)
+    return stream_metrics(start, stamps)
+
+
+def run_batch(model, prompts: list[list[int]], max_tokens: int) -> int:
+    """All prompts through one BatchGenerator; returns the tokens generated."""
+    from mlx_lm.generate import BatchGenerator
+
+    generator = BatchGenerator(model, stop_tokens=None, max_tokens=max_tokens)
+    generator.insert(prompts, [max_tokens] * len(prompts))
+    generated, finished = 0, 0
+    try:
+        for _ in range(len(prompts) * (max_tokens + 64) + 64):  # bounded
+            responses = generator.next_generated()
+            if not responses:
+                break
+            generated += len(responses)
+            finished += sum(r.finish_reason is not None for r in responses)
+            if finished == len(prompts):
+                break
+    finally:
+        generator.close()
+    return generated
+
+
+def batch_throughput(model, prompts: list[list[int]], max_tokens: int) -> dict:
+    run_batch(model, [prompts[0][:8]], WARMUP_TOKENS)
+    start = time.perf_counter()
+    generated = run_batch(model, prompts, max_tokens)
+    elapsed = time.perf_counter() - start
+    return {
+        "requests": len(prompts),
+        "prompt_tokens": sum(map(len, prompts)),
+        "output_tokens": generated,
+        "elapsed_s": elapsed,
+        "output_tok_s": generated / elapsed,
+    }

@@ -1,0 +1,89 @@
+"""Platform selection, settings and refusals: each fails fast with a message naming the fix."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import start_llm
+
+from vllm_metal import envs
+from vllm_metal.models.registry import SUPPORTED_ARCHITECTURES
+
+
+def resolved_platform(**env) -> str:
+    code = "from vllm.platforms import current_platform as p; print(type(p).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=120)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_vllm_selects_the_mlx_platform_on_its_own():
+    assert resolved_platform() == "MetalPlatform"
+
+
+def test_use_mlx_0_hands_back_to_vllm():
+    assert resolved_platform(VLLM_METAL_USE_MLX="0") == "CpuPlatform"
+
+
+@pytest.mark.parametrize("name,bad", [
+    ("VLLM_METAL_MEMORY_FRACTION", "1.5"),
+    ("VLLM_METAL_MEMORY_FRACTION", "lots"),
+    ("VLLM_METAL_BLOCK_SIZE", "17"),
+    ("VLLM_MLX_DEVICE", "tpu"),
+    ("VLLM_METAL_USE_MLX", "maybe"),
+    ("VLLM_METAL_DEBUG", "2"),
+])
+def test_bad_setting_names_the_variable(monkeypatch, name, bad):
+    monkeypatch.setenv(name, bad)
+    with pytest.raises(envs.SettingError, match=name):
+        envs.validate_all()
+
+
+def test_settings_defaults(monkeypatch):
+    for name in envs.SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    assert envs.VLLM_METAL_MEMORY_FRACTION == 0.9
+    assert envs.VLLM_METAL_BLOCK_SIZE == 16
+    assert envs.VLLM_METAL_USE_MLX is True
+    assert envs.VLLM_MLX_DEVICE == "gpu"
+    assert envs.VLLM_METAL_DEBUG is False
+
+
+def test_every_setting_is_in_the_documented_table():
+    for name in envs.SETTINGS:
+        assert f"| {name} |" in envs.__doc__
+
+
+def test_bad_setting_stops_engine_startup(tiny_model, monkeypatch):
+    monkeypatch.setenv("VLLM_METAL_BLOCK_SIZE", "17")
+    with pytest.raises(Exception, match="VLLM_METAL_BLOCK_SIZE"):
+        start_llm(tiny_model("qwen3"))
+
+
+def test_unsupported_architecture_is_refused_with_the_list(tiny_model, tmp_path):
+    model_dir = tmp_path / "falcon"
+    shutil.copytree(tiny_model("qwen3"), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["FalconForCausalLM"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    start = time.monotonic()
+    with pytest.raises(Exception) as info:
+        start_llm(str(model_dir))
+    assert time.monotonic() - start < 60
+    message = str(info.value)
+    assert "FalconForCausalLM" in message
+    assert all(arch in message for arch in SUPPORTED_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("option,words", [
+    ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
+    ({"enable_lora": True}, "LoRA"),
+    ({"tensor_parallel_size": 2}, "parallel"),
+])
+def test_unsupported_options_are_refused(tiny_model, option, words):
+    with pytest.raises(Exception, match=words):
+        start_llm(tiny_model("qwen3"), **option)

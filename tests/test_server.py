@@ -1,0 +1,88 @@
+"""`vllm serve` on a tiny model, over real HTTP on 127.0.0.1."""
+
+import json
+
+import pytest
+import requests
+
+from vllm_metal.testing.server import Server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    srv = Server([tiny_model("qwen3"), "--dtype", "float32", "--max-model-len", "512",
+                  "--kv-cache-memory-bytes", str(64 * 1024**2), "--served-model-name", "tiny"],
+                 log_path=log)
+    with srv:
+        yield srv
+
+
+def post(server, path, body, **kw):
+    return requests.post(server.url + path, json=body, timeout=60, **kw)
+
+
+def test_log_names_the_mlx_platform(server):
+    assert "Metal/MLX platform selected" in server.tail(200_000)
+
+
+def test_health_and_models(server):
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    models = requests.get(server.url + "/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+
+
+def test_completion(server):
+    r = post(server, "/v1/completions",
+             {"model": "tiny", "prompt": "Hello world", "max_tokens": 8, "temperature": 0,
+              "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["completion_tokens"] == 8
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
+def stream_events(response):
+    for line in response.iter_lines():
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            yield json.loads(line[6:])
+
+
+def test_streaming_completion_equals_plain(server):
+    body = {"model": "tiny", "prompt": "The river", "max_tokens": 10, "temperature": 0,
+            "ignore_eos": True}
+    plain = post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    with post(server, "/v1/completions", {**body, "stream": True}, stream=True) as r:
+        assert r.status_code == 200
+        pieces = [e["choices"][0]["text"] for e in stream_events(r) if e["choices"]]
+    assert len(pieces) >= 2
+    assert "".join(pieces) == plain
+
+
+def test_chat_plain_and_streaming(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi there"}],
+            "max_tokens": 6, "temperature": 0}
+    plain = post(server, "/v1/chat/completions", body)
+    assert plain.status_code == 200, plain.text
+    text = plain.json()["choices"][0]["message"]["content"]
+    with post(server, "/v1/chat/completions", {**body, "stream": True}, stream=True) as r:
+        deltas = [e["choices"][0]["delta"].get("content") or "" for e in stream_events(r)
+                  if e["choices"]]
+    assert "".join(deltas) == text
+
+
+def test_too_long_prompt_is_400_and_server_keeps_serving(server):
+    r = post(server, "/v1/completions",
+             {"model": "tiny", "prompt": "word " * 2000, "max_tokens": 4})
+    assert r.status_code == 400
+    assert "maximum context length" in r.json()["error"]["message"]
+    again = post(server, "/v1/completions",
+                 {"model": "tiny", "prompt": "still alive", "max_tokens": 3})
+    assert again.status_code == 200
+
+
+def test_bad_request_is_400(server):
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -5})
+    assert r.status_code == 400
+    r = post(server, "/v1/completions", {"model": "nope", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 404
