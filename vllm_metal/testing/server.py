@@ -19,13 +19,14 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, args: list[str], env: dict | None = None, log_path: Path | None = None,
-                 command: list[str] | None = None):
+                 command: list[str] | None = None, cwd: Path | None = None):
         self.port = free_port()
         vllm = Path(sys.executable).with_name("vllm")
         self.command = (command or [str(vllm), "serve"]) + args + [
             "--host", "127.0.0.1", "--port", str(self.port)]
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path
+        self.cwd = cwd
         self.process: subprocess.Popen | None = None
 
     @property
@@ -35,7 +36,8 @@ class Server:
     def start(self, timeout: float = 240.0) -> "Server":
         self.log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(self.command, env=self.env, stdout=self.log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        cwd=self.cwd)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
