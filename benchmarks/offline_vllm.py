@@ -6,7 +6,8 @@ import time
 WARMUP_TOKENS = 4
 
 
-def make_llm(model: str, dtype: str, kv_cache_bytes: int, max_model_len: int, max_num_seqs: int):
+def make_llm(model: str, dtype: str, kv_cache_bytes: int, max_model_len: int, max_num_seqs: int,
+             enforce_eager: bool = False):
     from vllm import LLM
 
     return LLM(
@@ -18,6 +19,7 @@ def make_llm(model: str, dtype: str, kv_cache_bytes: int, max_model_len: int, ma
         max_num_seqs=max_num_seqs,
         enable_prefix_caching=False,
         seed=0,
+        enforce_eager=enforce_eager,
     )
 
 

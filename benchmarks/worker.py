@@ -20,6 +20,7 @@ def run_vllm(spec: dict) -> dict:
     llm = offline_vllm.make_llm(
         spec["model"], spec["dtype"], spec["kv_cache_bytes"], spec["max_model_len"],
         max_num_seqs=max(len(spec["prompts"]), 1),
+        enforce_eager=spec.get("enforce_eager", False),
     )
     startup = time.perf_counter() - started
     if spec["workload"] == "single":

@@ -271,18 +271,19 @@ class MetalModelRunner:
         self.step_state = None
         t0 = time.perf_counter()
         batch = self.input_batch
-        logits = torch.from_numpy(np.array(state.logits.astype(mx.float32)))
-        t1 = time.perf_counter()
-        if grammar_output is not None:
-            apply_grammar_bitmask(state.scheduler_output, grammar_output, batch, logits)
-
         discard = self._rows_still_in_prefill(state.scheduler_output)
-        saved_rng = {row: batch.generators[row].get_state() for row in discard if row in batch.generators}
-        output = self.sampler(logits=logits, sampling_metadata=batch.sampling_metadata)
-        for row, rng in saved_rng.items():
-            batch.generators[row].set_state(rng)
-
-        sampled = output.sampled_token_ids.tolist()
+        if grammar_output is None and self._batch_is_plain_greedy():
+            # Argmax in MLX: no vocabulary-sized copy to torch, same tokens.
+            sampled = [[t] for t in mx.argmax(state.logits, axis=-1).tolist()]
+            output = None
+            t1 = time.perf_counter()
+        else:
+            logits = torch.from_numpy(np.array(state.logits.astype(mx.float32)))
+            t1 = time.perf_counter()
+            if grammar_output is not None:
+                apply_grammar_bitmask(state.scheduler_output, grammar_output, batch, logits)
+            output = self._sample_with_vllm(logits, discard)
+            sampled = output.sampled_token_ids.tolist()
         for row in discard:
             sampled[row] = []
         self._append_sampled(sampled)
@@ -291,7 +292,8 @@ class MetalModelRunner:
             req_ids=list(batch.req_ids),
             req_id_to_index=dict(batch.req_id_to_index),
             sampled_token_ids=sampled,
-            logprobs=output.logprobs_tensors.tolists() if output.logprobs_tensors is not None else None,
+            logprobs=(output.logprobs_tensors.tolists()
+                      if output is not None and output.logprobs_tensors is not None else None),
             prompt_logprobs_dict=prompt_logprobs,
         )
         if self.debug:
@@ -304,6 +306,20 @@ class MetalModelRunner:
                 (t1 - t0) * 1e3, (t2 - t1) * 1e3,
             )
         return result
+
+    def _sample_with_vllm(self, logits: torch.Tensor, discard: list[int]):
+        """vLLM's sampler; a seeded request whose token is discarded (still in
+        prefill) gets its generator state back, so chunking does not shift its samples."""
+        batch = self.input_batch
+        saved = {row: batch.generators[row].get_state() for row in discard if row in batch.generators}
+        output = self.sampler(logits=logits, sampling_metadata=batch.sampling_metadata)
+        for row, rng in saved.items():
+            batch.generators[row].set_state(rng)
+        return output
+
+    def _batch_is_plain_greedy(self) -> bool:
+        return all(_plain_greedy(self.requests[req_id].sampling_params)
+                   for req_id in self.input_batch.req_ids)
 
     def _rows_still_in_prefill(self, scheduler_output) -> list[int]:
         """Rows whose scheduled tokens end before the prompt (and any recomputed
@@ -358,3 +374,19 @@ class MetalModelRunner:
             del self.num_prompt_logprobs[req_id]
             self.requests[req_id].in_progress_prompt_logprobs_cpu = None
         return result
+
+
+def _plain_greedy(params) -> bool:
+    """Greedy with nothing that changes or reports the logits: argmax is the answer."""
+    return (
+        params.sampling_type == SamplingType.GREEDY
+        and params.logprobs is None
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+        and params.repetition_penalty == 1.0
+        and not params.logit_bias
+        and not params.allowed_token_ids
+        and not params.bad_words_token_ids
+        and params.min_tokens == 0
+        and params.structured_outputs is None
+    )

@@ -39,6 +39,9 @@ class MetalWorker(WorkerBase):
     def get_model(self):
         return self.model_runner.model.model
 
+    def get_model_inspection(self) -> str:
+        return repr(self.model_runner.model.model)
+
     def get_kv_cache_spec(self):
         return self.model_runner.get_kv_cache_spec()
 

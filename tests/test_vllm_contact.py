@@ -1,0 +1,104 @@
+"""The vLLM internals this plugin touches, pinned to vLLM 0.32.0. A vLLM upgrade
+that moves any of them fails here first, with the name of what moved."""
+
+import dataclasses
+import importlib.metadata
+import inspect
+
+import pytest
+
+
+def test_pinned_vllm_version():
+    import vllm
+
+    assert vllm.__version__.startswith("0.32.0")
+    assert importlib.metadata.version("vllm").startswith("0.32.0")  # the `vllm` CLI needs it
+
+
+def params(obj) -> set[str]:
+    return set(inspect.signature(obj).parameters)
+
+
+def fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_platform_hooks():
+    from vllm.platforms.interface import Platform
+
+    for hook in ("check_and_update_config", "verify_model_arch", "import_kernels",
+                 "get_device_total_memory", "manual_seed_all", "get_attn_backend_cls",
+                 "is_pin_memory_available", "get_device_communicator_cls", "inference_mode"):
+        assert hasattr(Platform, hook), hook
+    for attr in ("device_type", "dispatch_key", "ray_device_key", "device_control_env_var",
+                 "supported_quantization", "dist_backend"):
+        assert hasattr(Platform, attr) or attr in Platform.__annotations__, attr
+
+
+def test_worker_interface():
+    from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
+
+    assert params(WorkerBase.__init__) >= {"vllm_config", "local_rank", "rank",
+                                           "distributed_init_method", "is_driver_worker"}
+    for method in ("init_device", "load_model", "get_kv_cache_spec", "execute_model",
+                   "sample_tokens", "compile_or_warm_up_model", "get_supported_kv_cache_layouts",
+                   "synchronize_device"):
+        assert hasattr(WorkerBase, method), method
+    assert CompilationTimes._fields == ("language_model", "encoder")
+
+
+def test_scheduler_output_fields():
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+
+    assert fields(NewRequestData) >= {"req_id", "prompt_token_ids", "sampling_params",
+                                      "block_ids", "num_computed_tokens", "mm_features",
+                                      "lora_request"}
+    assert fields(CachedRequestData) >= {"req_ids", "resumed_req_ids", "new_block_ids",
+                                         "num_computed_tokens", "num_output_tokens"}
+    assert fields(SchedulerOutput) >= {"scheduled_new_reqs", "scheduled_cached_reqs",
+                                       "num_scheduled_tokens", "total_num_scheduled_tokens",
+                                       "finished_req_ids"}
+
+
+def test_input_batch_and_sampler():
+    from vllm.v1.sample.sampler import Sampler
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+
+    assert params(InputBatch.__init__) >= {"max_num_reqs", "max_model_len",
+                                           "max_num_batched_tokens", "device", "vocab_size",
+                                           "block_sizes", "max_num_blocks_per_req",
+                                           "logitsprocs", "is_pooling_model"}
+    for method in ("add_request", "remove_request", "condense", "refresh_metadata"):
+        assert hasattr(InputBatch, method), method
+    assert fields(CachedRequestState) >= {"req_id", "prompt_token_ids", "sampling_params",
+                                          "generator", "block_ids", "num_computed_tokens",
+                                          "output_token_ids", "in_progress_prompt_logprobs_cpu"}
+    for method in ("compute_logprobs", "gather_logprobs"):
+        assert hasattr(Sampler, method), method
+
+
+def test_outputs_and_kv_spec():
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsTensors, ModelRunnerOutput
+
+    assert fields(ModelRunnerOutput) >= {"req_ids", "req_id_to_index", "sampled_token_ids",
+                                         "logprobs", "prompt_logprobs_dict"}
+    assert isinstance(EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput)
+    assert hasattr(LogprobsTensors, "empty_cpu")
+    assert fields(FullAttentionSpec) >= {"block_size", "num_kv_heads", "head_size", "dtype"}
+
+
+def test_structured_output_and_logitsprocs():
+    from vllm.v1.sample.logits_processor import build_logitsprocs
+    from vllm.v1.structured_output.utils import apply_grammar_bitmask
+
+    assert params(apply_grammar_bitmask) == {"scheduler_output", "grammar_output",
+                                             "input_batch", "logits"}
+    order = list(inspect.signature(build_logitsprocs).parameters)
+    assert order[:4] == ["vllm_config", "device", "is_pin_memory", "is_pooling_model"]
+
+
+@pytest.mark.parametrize("group", ["vllm.platform_plugins"])
+def test_entry_point_registered(group):
+    names = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=group)}
+    assert names.get("metal") == "vllm_metal:register"
