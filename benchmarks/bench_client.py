@@ -15,7 +15,8 @@ KEPT_KEYS = (
     "completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
     "request_throughput", "output_throughput", "total_token_throughput", "max_concurrency",
     "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "median_itl_ms",
-    "p99_itl_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "ttfts", "output_lens",
+    "p99_itl_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "p50_ttft_ms", "p50_itl_ms",
+    "p50_tpot_ms", "ttfts", "output_lens",
 )
 
 

@@ -49,18 +49,21 @@ def token_arrival_times(llm, prompt: list[int], max_tokens: int) -> tuple[float,
 
 
 def single_stream(llm, prompt: list[int], max_tokens: int) -> dict:
-    token_arrival_times(llm, prompt[: len(prompt) // 2], WARMUP_TOKENS)
+    token_arrival_times(llm, prompt[:8], WARMUP_TOKENS)
     start, stamps = token_arrival_times(llm, prompt, max_tokens)
     return stream_metrics(start, stamps)
 
 
 def stream_metrics(start: float, stamps: list[float]) -> dict:
+    """TTFT, and the decode rate over the tokens after the first (prefill excluded)."""
     decode_s = stamps[-1] - stamps[0]
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:])) or [float("nan")]
     return {
         "ttft_s": stamps[0] - start,
         "output_tokens": len(stamps),
         "decode_tok_s": (len(stamps) - 1) / decode_s if decode_s > 0 else float("nan"),
-        "itl_ms": 1e3 * decode_s / max(len(stamps) - 1, 1),
+        "itl_mean_ms": 1e3 * decode_s / max(len(stamps) - 1, 1),
+        "itl_p50_ms": 1e3 * gaps[len(gaps) // 2],
     }
 
 

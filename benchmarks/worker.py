@@ -1,10 +1,12 @@
-"""One offline measurement in a fresh process (so engines never share memory,
+"""Offline measurements in a fresh process (so engines never share memory,
 threads or a BLAS), driven by ``benchmarks.run``:
 
     python -m benchmarks.worker SPEC.json RESULT.json
 
-SPEC: {"engine": "vllm" | "mlx-lm", "workload": "single" | "batch", "model",
-"dtype", "prompts", "max_tokens", "kv_cache_bytes", "max_model_len"}.
+SPEC: {"engine": "vllm" | "mlx-lm", "model", "dtype", "kv_cache_bytes",
+"max_model_len", "max_num_seqs", "enforce_eager", "workloads": [...]}, each
+workload {"kind": "single", "prompt", "max_tokens"} or {"kind": "batch",
+"prompts", "max_tokens"}. RESULT: {"startup_s", "results": [one dict per workload]}.
 For "vllm", VLLM_METAL_USE_MLX in the environment picks the plugin or vLLM's CPU backend.
 """
 
@@ -19,15 +21,16 @@ def run_vllm(spec: dict) -> dict:
     started = time.perf_counter()
     llm = offline_vllm.make_llm(
         spec["model"], spec["dtype"], spec["kv_cache_bytes"], spec["max_model_len"],
-        max_num_seqs=max(len(spec["prompts"]), 1),
-        enforce_eager=spec.get("enforce_eager", False),
+        spec["max_num_seqs"], spec.get("enforce_eager", False),
     )
     startup = time.perf_counter() - started
-    if spec["workload"] == "single":
-        result = offline_vllm.single_stream(llm, spec["prompts"][0], spec["max_tokens"])
-    else:
-        result = offline_vllm.batch_throughput(llm, spec["prompts"], spec["max_tokens"])
-    return {**result, "startup_s": startup}
+    results = []
+    for workload in spec["workloads"]:
+        if workload["kind"] == "single":
+            results.append(offline_vllm.single_stream(llm, workload["prompt"], workload["max_tokens"]))
+        else:
+            results.append(offline_vllm.batch_throughput(llm, workload["prompts"], workload["max_tokens"]))
+    return {"startup_s": startup, "results": results}
 
 
 def run_mlx_lm(spec: dict) -> dict:
@@ -39,11 +42,15 @@ def run_mlx_lm(spec: dict) -> dict:
     started = time.perf_counter()
     model, tokenizer = offline_mlx_lm.load(spec["model"], spec["dtype"])
     startup = time.perf_counter() - started
-    if spec["workload"] == "single":
-        result = offline_mlx_lm.single_stream(model, tokenizer, spec["prompts"][0], spec["max_tokens"])
-    else:
-        result = offline_mlx_lm.batch_throughput(model, spec["prompts"], spec["max_tokens"])
-    return {**result, "startup_s": startup, "blas": blas or "bundled"}
+    results = []
+    for workload in spec["workloads"]:
+        if workload["kind"] == "single":
+            results.append(offline_mlx_lm.single_stream(
+                model, tokenizer, workload["prompt"], workload["max_tokens"]))
+        else:
+            results.append(offline_mlx_lm.batch_throughput(
+                model, workload["prompts"], workload["max_tokens"]))
+    return {"startup_s": startup, "results": results, "blas": blas or "bundled"}
 
 
 RUNNERS = {"vllm": run_vllm, "mlx-lm": run_mlx_lm}

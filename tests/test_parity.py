@@ -9,7 +9,8 @@ from vllm.inputs import TokensPrompt
 
 from vllm_metal.testing.reference import greedy_tokens, load_hf
 
-FOUNDATION_ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "mixtral",
+         "qwen3_moe"]
 PROMPTS = [
     "Hello",
     "The quick brown fox jumps over the lazy dog",
@@ -20,7 +21,7 @@ PROMPTS = [
 NEW_TOKENS = 16
 
 
-@pytest.mark.parametrize("arch", FOUNDATION_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_matches_transformers(arch, tiny_model):
     model_dir = tiny_model(arch)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -39,3 +40,24 @@ def test_greedy_matches_transformers(arch, tiny_model):
         stop_llm(llm)
     got = [list(o.outputs[0].token_ids) for o in outputs]
     assert got == expected
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3_text"])
+def test_sliding_window_matches_transformers(arch, tiny_model):
+    """Prompts longer than a small window: keys outside it must be masked."""
+    model_dir = tiny_model(arch, sliding_window=24)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = [tokenizer(p).input_ids for p in PROMPTS[2:]]
+    assert all(len(ids) > 24 for ids in prompt_ids)
+    hf = load_hf(model_dir)
+    expected = [greedy_tokens(hf, ids, NEW_TOKENS) for ids in prompt_ids]
+
+    llm = start_llm(model_dir)
+    try:
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
+            SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
+        )
+    finally:
+        stop_llm(llm)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == expected

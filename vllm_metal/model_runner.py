@@ -27,6 +27,7 @@ from vllm_metal import envs
 from vllm_metal.attention.paged import BatchPlan, PagedKVCache
 from vllm_metal.models.adapter import CausalLM
 from vllm_metal.models.loader import load_model, mx_dtype
+from vllm_metal.models.registry import GROUPED_SCORE_MASK, model_wide_window
 
 logger = logging.getLogger("vllm.metal")
 
@@ -67,6 +68,8 @@ class MetalModelRunner:
         self.num_prompt_logprobs: dict[str, int] = {}
         self.sampler = Sampler(logprobs_mode=self.model_config.logprobs_mode)
         self.model: CausalLM | None = None
+        self.grouped_mask = False
+        self.default_window: int | None = None
         self.kv_cache: PagedKVCache | None = None
         self.input_batch: InputBatch | None = None
         self.step_state: StepState | None = None
@@ -75,6 +78,11 @@ class MetalModelRunner:
     # ---- setup -------------------------------------------------------------
     def load_model(self) -> None:
         self.model = CausalLM(load_model(self.model_config.model, self.dtype))
+        arch = (self.model_config.architectures or [""])[0]
+        hf_config = self.model_config.hf_text_config
+        self.grouped_mask = (arch in GROUPED_SCORE_MASK and
+                             self.model_config.get_total_num_kv_heads() != hf_config.num_attention_heads)
+        self.default_window = model_wide_window(arch, hf_config)
 
     def kv_layer_names(self) -> list[str]:
         return [f"model.layers.{i}.self_attn" for i in range(self.model.num_layers)]
@@ -254,7 +262,7 @@ class MetalModelRunner:
             tokens[i, : qlens[i]] = batch.token_ids_cpu[row, start : start + qlens[i]]
         block_table = batch.block_table[0].get_numpy_array()[rows]
         plan = BatchPlan.build(block_table, group.starts, qlens, self.block_size,
-                               self.kv_cache.scratch_slot)
+                               self.kv_cache.scratch_slot, self.grouped_mask, self.default_window)
         hidden = self.model.hidden_states(mx.array(tokens), self.kv_cache.layer_views(plan))
         last = hidden[mx.arange(len(rows)), mx.array(qlens - 1)]
         for i, row in enumerate(group.rows):

@@ -45,10 +45,13 @@ class BatchPlan:
     read_slots: mx.array  # [B, S] slot of each (padded) context position
     query_pos: np.ndarray  # [B, L] absolute position of each query
     context_lens: np.ndarray  # [B] tokens of context after this step
+    grouped_mask: bool  # mask shaped [B, 1, 1, L, S] for grouped-query scores
+    default_window: int | None  # applied where the model asks for a plain causal mask
     _masks: dict
 
     @classmethod
-    def build(cls, block_tables, start_positions, query_lens, block_size, scratch_slot):
+    def build(cls, block_tables, start_positions, query_lens, block_size, scratch_slot,
+              grouped_mask=False, default_window=None):
         """``block_tables``: [B, max_blocks] int; positions and lengths: [B] int."""
         start = np.asarray(start_positions, dtype=np.int64)
         qlens = np.asarray(query_lens, dtype=np.int64)
@@ -69,10 +72,13 @@ class BatchPlan:
             read_slots=mx.array(read.astype(np.int32)),
             query_pos=query_pos,
             context_lens=ctx,
+            grouped_mask=grouped_mask,
+            default_window=default_window,
             _masks={},
         )
 
     def mask(self, window_size: int | None = None) -> mx.array | None:
+        window_size = window_size or self.default_window
         if window_size not in self._masks:
             self._masks[window_size] = self._make_mask(window_size)
         return self._masks[window_size]
@@ -86,7 +92,7 @@ class BatchPlan:
         allowed = (key_pos <= q) & (key_pos < self.context_lens[:, None, None])
         if window_size is not None:
             allowed &= key_pos > q - window_size
-        return mx.array(allowed[:, None, :, :])
+        return mx.array(allowed[:, None, None] if self.grouped_mask else allowed[:, None])
 
 
 def _slots(block_tables, positions, block_size):

@@ -6,7 +6,24 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
+    "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
 }
+
+# mlx-lm attention that applies the mask to grouped-query scores
+# [B, kv_heads, q_per_kv, L, S], so a per-sequence mask needs that rank too.
+GROUPED_SCORE_MASK = {"Gemma2ForCausalLM"}
+
+
+def model_wide_window(arch: str, hf_config) -> int | None:
+    """A sliding window every layer applies although mlx-lm's definition does not
+    know it: HF Mistral's ``sliding_window`` (mlx-lm runs Mistral as Llama)."""
+    if arch == "MistralForCausalLM" and not getattr(hf_config, "layer_types", None):
+        return getattr(hf_config, "sliding_window", None)
+    return None
 
 
 class UnsupportedModel(ValueError):

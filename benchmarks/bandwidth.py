@@ -1,0 +1,88 @@
+"""This machine's memory bandwidth, and the decode ceiling it sets.
+
+A decode step must read every weight once (plus the KV cache so far), so one
+stream cannot run faster than ``bandwidth / bytes read per step``. The ceiling
+uses the best large-buffer read rate seen (the most favourable one, so the
+percentages are conservative); the copy rate is reported beside it.
+"""
+
+import json
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+
+SAFETENSORS_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()  # touch the pages first
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(buffer_bytes: int = 1 << 30, repeats: int = 5) -> dict:
+    """GB/s for a numpy copy (bytes read + written), a sum and a matrix-vector product (bytes read)."""
+    import torch
+
+    side = int((buffer_bytes // 4) ** 0.5)
+    matrix = np.ones((side, side), dtype=np.float32)
+    vector = np.ones(side, dtype=np.float32)
+    target = np.empty_like(matrix)
+    nbytes = matrix.nbytes
+    tensor = torch.from_numpy(matrix)
+    rates = {
+        "copy_gb_s": 2 * nbytes / _best_seconds(lambda: np.copyto(target, matrix), repeats) / 1e9,
+        "sum_gb_s": nbytes / _best_seconds(lambda: tensor.sum(), repeats) / 1e9,
+        "gemv_gb_s": nbytes / _best_seconds(lambda: matrix @ vector, repeats) / 1e9,
+    }
+    rates = {k: round(v, 2) for k, v in rates.items()}
+    return {**rates, "bandwidth_gb_s": max(rates.values()), "buffer_bytes": nbytes}
+
+
+def _tensor_numels(model_dir: Path) -> dict[str, int]:
+    numels = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        for name, info in header.items():
+            if name != "__metadata__":
+                numels[name] = int(np.prod(info["shape"], dtype=np.int64))
+    return numels
+
+
+def weight_bytes_per_step(model_dir: Path, dtype: str) -> int:
+    """Weights one decode step reads, at ``dtype``: all of them, except an untied
+    input embedding (a lookup reads one row; a tied one is read as the LM head)."""
+    numels = _tensor_numels(model_dir)
+    untied = any(name.endswith("lm_head.weight") for name in numels)
+    read = sum(n for name, n in numels.items() if not (untied and "embed_tokens" in name))
+    return read * DTYPE_BYTES[dtype]
+
+
+def kv_bytes_per_step(model_dir: Path, dtype: str, context_tokens: float) -> float:
+    config = json.loads((model_dir / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", config["num_attention_heads"])
+    per_token = 2 * config["num_hidden_layers"] * kv_heads * head_dim * DTYPE_BYTES[dtype]
+    return per_token * context_tokens
+
+
+def decode_ceiling(model_dir: Path, dtype: str, prompt_len: int, new_tokens: int,
+                   bandwidth_gb_s: float) -> dict:
+    """Tokens/s one stream could reach if each step only had to read its bytes."""
+    mean_context = prompt_len + new_tokens / 2
+    weights = weight_bytes_per_step(model_dir, dtype)
+    kv = kv_bytes_per_step(model_dir, dtype, mean_context)
+    return {
+        "weight_bytes": weights,
+        "kv_bytes": kv,
+        "ceiling_tok_s": bandwidth_gb_s * 1e9 / (weights + kv),
+    }

@@ -1,0 +1,89 @@
+"""Offline workloads: single-stream decode and batch throughput, one worker
+process per engine, model and dtype."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import overhead
+from benchmarks.engines import MLX_LM, OFFLINE_ENGINES, PLUGIN, VLLM_CPU, Engine
+from benchmarks.procs import WorkerFailed, engine_env, run_worker
+from benchmarks.prompts import batch_prompts, random_prompt
+from benchmarks.scales import Scale
+
+
+@dataclass
+class WorkerRun:
+    engine: Engine
+    model: str  # name in benchmarks.models
+    dtype: str
+    workloads: list[dict] = field(default_factory=list)
+
+
+def plan(scale: Scale, engines: tuple[Engine, ...]) -> list[WorkerRun]:
+    """Single-stream runs first, then batch; runs sharing engine, model and dtype merge."""
+    runs: dict[tuple, WorkerRun] = {}
+
+    def add(engine, model, dtype, workload):
+        key = (engine.key, model, dtype)
+        runs.setdefault(key, WorkerRun(engine, model, dtype)).workloads.append(workload)
+
+    for dtype in scale.single_dtypes:
+        for engine in engines:
+            add(engine, scale.single_model, dtype, {"kind": "single"})
+    for engine in engines:
+        add(engine, scale.concurrency_model, scale.concurrency_dtype, {"kind": "batch"})
+    return list(runs.values())
+
+
+def with_prompts(workload: dict, scale: Scale, vocab_size: int) -> dict:
+    if workload["kind"] == "single":
+        prompt = random_prompt(scale.single_prompt_len, vocab_size, seed=1)
+        return {**workload, "prompt": prompt, "max_tokens": scale.single_new_tokens}
+    shortest, longest = scale.batch_prompt_range
+    prompts = batch_prompts(scale.batch_requests, shortest, longest, vocab_size)
+    return {**workload, "prompts": prompts, "max_tokens": scale.batch_new_tokens}
+
+
+def worker_spec(run: WorkerRun, scale: Scale, model_dir: Path, vocab_size: int) -> dict:
+    return {
+        "engine": run.engine.worker,
+        "model": str(model_dir),
+        "dtype": run.dtype,
+        "kv_cache_bytes": scale.kv_cache_bytes,
+        "max_model_len": scale.max_model_len,
+        "max_num_seqs": max(scale.batch_requests, 1),
+        "enforce_eager": scale.cpu_backend_eager,
+        "workloads": [with_prompts(w, scale, vocab_size) for w in run.workloads],
+    }
+
+
+def execute(run: WorkerRun, scale: Scale, model_dir: Path, vocab_size: int, logs: Path) -> list[dict]:
+    """Rows for each workload of ``run``; a failed worker gives rows with a status, not an exception."""
+    log = logs / f"{run.engine.key}-{run.model}-{run.dtype}.log"
+    base = {"engine": run.engine.key, "model": run.model, "dtype": run.dtype, "log": str(log)}
+    env = engine_env(run.engine.use_mlx, VLLM_METAL_DEBUG="1" if run.engine is PLUGIN else "0")
+    try:
+        result = run_worker(worker_spec(run, scale, model_dir, vocab_size), env, log, scale.timeout_s)
+    except WorkerFailed as error:
+        return [{**base, "kind": w["kind"], "status": f"failed: {error}"} for w in run.workloads]
+    rows = []
+    for workload, metrics in zip(run.workloads, result["results"]):
+        row = {**base, "kind": workload["kind"], "status": "ok", "startup_s": result["startup_s"],
+               **metrics}
+        if run.engine is PLUGIN and workload["kind"] == "single":
+            row["step"] = overhead.step_breakdown(log, metrics["itl_p50_ms"],
+                                                  scale.single_new_tokens - 1)
+        rows.append(row)
+    return rows
+
+
+def unavailable_rows(engine: Engine, scale: Scale, reason: str) -> list[dict]:
+    rows = []
+    for run in plan(scale, (engine,)):
+        for workload in run.workloads:
+            rows.append({"engine": engine.key, "model": run.model, "dtype": run.dtype,
+                         "kind": workload["kind"], "status": reason})
+    return rows
+
+
+__all__ = ["plan", "execute", "unavailable_rows", "OFFLINE_ENGINES", "MLX_LM", "VLLM_CPU"]

