@@ -20,7 +20,7 @@ OS=$(uname -s)
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
-pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored" || true; }
+pip_install() { "$VPY" -m pip install -q --disable-pip-version-check --no-warn-conflicts "$@" 2>&1 | grep -v "is ignored" || true; }
 have() { "$VPY" - "$@" <<'EOF' 2>/dev/null
 import importlib.metadata as m, sys
 for spec in sys.argv[1:]:

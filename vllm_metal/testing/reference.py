@@ -31,3 +31,21 @@ def logprobs(model, token_ids: list[int]) -> torch.Tensor:
     """float32 log-softmax of the reference logits at every position: [len, vocab]."""
     logits = model(torch.tensor([token_ids])).logits[0].float()
     return torch.log_softmax(logits, dim=-1)
+
+
+def mlx_lm_greedy(model_dir: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """mlx-lm's own model and KV cache on the same files, one token at a time."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    from pathlib import Path
+
+    model, _ = load_model(Path(model_dir))
+    cache = make_prompt_cache(model)
+    tokens, out = mx.array([prompt_ids]), []
+    for _ in range(max_new_tokens):
+        next_token = int(mx.argmax(model(tokens, cache=cache)[0, -1]))
+        out.append(next_token)
+        tokens = mx.array([[next_token]])
+    return out
