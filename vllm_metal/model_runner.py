@@ -17,7 +17,12 @@ import numpy as np
 import torch
 from vllm.sampling_params import SamplingType
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsTensors, ModelRunnerOutput
+from vllm.v1.outputs import (
+    EMPTY_MODEL_RUNNER_OUTPUT,
+    DraftTokenIds,
+    LogprobsTensors,
+    ModelRunnerOutput,
+)
 from vllm.v1.sample.logits_processor import build_logitsprocs
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.structured_output.utils import apply_grammar_bitmask
@@ -50,6 +55,7 @@ class StepState:
     scheduler_output: object
     logits: mx.array  # [num_reqs, vocab], batch order
     prompt_logits: dict[str, mx.array] = field(default_factory=dict)  # [chunk, vocab]
+    draft_checks: dict[int, mx.array] = field(default_factory=dict)  # row -> argmax per draft slot
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -74,6 +80,15 @@ class MetalModelRunner:
         self.input_batch: InputBatch | None = None
         self.step_state: StepState | None = None
         self.debug = envs.VLLM_METAL_DEBUG
+        self.drafter = None
+        self.num_spec_tokens = 0
+        self.draft_token_ids: DraftTokenIds | None = None
+        spec = vllm_config.speculative_config
+        if spec is not None:
+            from vllm.v1.spec_decode.ngram_proposer import NgramProposer
+
+            self.drafter = NgramProposer(vllm_config)
+            self.num_spec_tokens = spec.num_speculative_tokens
 
     # ---- setup -------------------------------------------------------------
     def load_model(self) -> None:
@@ -124,6 +139,7 @@ class MetalModelRunner:
             block_sizes=[self.block_size],
             max_num_blocks_per_req=[-(-self.max_model_len // self.block_size)],
             logitsprocs=build_logitsprocs(self.vllm_config, CPU, False, False, ()),
+            num_spec_tokens=self.num_spec_tokens,
             is_pooling_model=False,
         )
         logger.info(
@@ -179,9 +195,11 @@ class MetalModelRunner:
             batch.num_computed_tokens_cpu[index] = state.num_computed_tokens
             if new_blocks is not None:
                 batch.block_table.append_row(new_blocks, index)
+            batch.update_req_spec_token_ids(state, scheduler_output.scheduled_spec_decode_tokens)
 
         for state in to_add:
             batch.add_request(state)
+            batch.update_req_spec_token_ids(state, scheduler_output.scheduled_spec_decode_tokens)
         batch.condense()
         batch.refresh_metadata()
 
@@ -219,19 +237,19 @@ class MetalModelRunner:
             return EMPTY_MODEL_RUNNER_OUTPUT
         t1 = time.perf_counter()
         groups = self.plan_groups(scheduler_output.num_scheduled_tokens)
-        rows_logits, prompt_logits = [], {}
+        rows_logits, prompt_logits, draft_checks = [], {}, {}
         for i, group in enumerate(groups):
-            logits = self._run_group(group, prompt_logits)
+            logits = self._run_group(group, prompt_logits, draft_checks)
             rows_logits.append((group.rows, logits))
             # Each group must finish before the next writes the same KV pools:
             # a pool still referenced by a pending graph would be copied, not updated.
-            (mx.eval if i + 1 < len(groups) else mx.async_eval)(logits, prompt_logits)
+            (mx.eval if i + 1 < len(groups) else mx.async_eval)(logits, prompt_logits, draft_checks)
         order = np.argsort(np.concatenate([rows for rows, _ in rows_logits]))
         logits = mx.concatenate([lg for _, lg in rows_logits], axis=0)
         if len(groups) > 1:
             logits = logits[mx.array(order)]
         self.step_state = StepState(
-            scheduler_output, logits, prompt_logits,
+            scheduler_output, logits, prompt_logits, draft_checks,
             {"prepare": t1 - t0, "forward_issue": time.perf_counter() - t1},
         )
         return None
@@ -243,15 +261,19 @@ class MetalModelRunner:
         for row, req_id in enumerate(batch.req_ids):
             n = num_scheduled[req_id]
             start = int(batch.num_computed_tokens_cpu[row])
-            if n == 1 and req_id not in self.num_prompt_logprobs:
+            # A decode step: the last token plus any drafts to verify.
+            if n == 1 + len(batch.spec_token_ids[row]) and req_id not in self.num_prompt_logprobs:
                 decode.rows.append(row)
-                decode.query_lens.append(1)
+                decode.query_lens.append(n)
                 decode.starts.append(start)
             else:
                 groups.append(ForwardGroup([row], [n], [start]))
         return ([decode] if decode.rows else []) + groups
 
-    def _run_group(self, group: ForwardGroup, prompt_logits: dict) -> mx.array:
+    def _run_group(self, group: ForwardGroup, prompt_logits: dict, draft_checks: dict) -> mx.array:
+        """One padded forward. Returns logits at each request's sampling position:
+        its last token, or with draft tokens the token before them (a draft is
+        kept only where it equals the argmax of the position before it)."""
         batch = self.input_batch
         rows = np.array(group.rows)
         qlens = np.array(group.query_lens)
@@ -264,12 +286,16 @@ class MetalModelRunner:
         plan = BatchPlan.build(block_table, group.starts, qlens, self.block_size,
                                self.kv_cache.scratch_slot, self.grouped_mask, self.default_window)
         hidden = self.model.hidden_states(mx.array(tokens), self.kv_cache.layer_views(plan))
-        last = hidden[mx.arange(len(rows)), mx.array(qlens - 1)]
+        num_drafts = np.array([len(batch.spec_token_ids[row]) for row in group.rows])
+        sample_at = hidden[mx.arange(len(rows)), mx.array(qlens - 1 - num_drafts)]
         for i, row in enumerate(group.rows):
             req_id = batch.req_ids[row]
             if req_id in self.num_prompt_logprobs:
                 prompt_logits[req_id] = self.model.logits(hidden[i, : qlens[i]])
-        return self.model.logits(last)
+            if num_drafts[i]:
+                verify = hidden[i, qlens[i] - 1 - num_drafts[i] : qlens[i]]
+                draft_checks[row] = mx.argmax(self.model.logits(verify), axis=-1)
+        return self.model.logits(sample_at)
 
     # ---- step: sampling ----------------------------------------------------
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
@@ -294,7 +320,9 @@ class MetalModelRunner:
             sampled = output.sampled_token_ids.tolist()
         for row in discard:
             sampled[row] = []
+        self._accept_drafts(sampled, state.draft_checks)
         self._append_sampled(sampled)
+        self._propose_drafts(sampled, state.scheduler_output)
         prompt_logprobs = self._prompt_logprobs(state)
         result = ModelRunnerOutput(
             req_ids=list(batch.req_ids),
@@ -324,6 +352,35 @@ class MetalModelRunner:
         for row, rng in saved.items():
             batch.generators[row].set_state(rng)
         return output
+
+    def _accept_drafts(self, sampled: list[list[int]], draft_checks: dict) -> None:
+        """Greedy verification: keep drafts while each equals the model's argmax,
+        then the argmax after the last kept one. Other requests keep the one token
+        sampled at the first position, which is exact sampling with every draft rejected."""
+        batch = self.input_batch
+        for row, check in draft_checks.items():
+            params = self.requests[batch.req_ids[row]].sampling_params
+            if not sampled[row] or not _plain_greedy(params):
+                continue
+            drafts, argmaxes = batch.spec_token_ids[row], check.tolist()
+            kept = 0
+            while kept < len(drafts) and drafts[kept] == argmaxes[kept]:
+                kept += 1
+            sampled[row] = argmaxes[: kept + 1]
+
+    def _propose_drafts(self, sampled: list[list[int]], scheduler_output) -> None:
+        if self.drafter is None:
+            return
+        batch = self.input_batch
+        drafts = self.drafter.propose(
+            scheduler_output.num_spec_tokens_to_schedule or self.num_spec_tokens,
+            sampled, batch.num_tokens_no_spec, batch.token_ids_cpu,
+        )
+        self.draft_token_ids = DraftTokenIds(list(batch.req_ids), drafts)
+
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        drafts, self.draft_token_ids = self.draft_token_ids, None
+        return drafts
 
     def _batch_is_plain_greedy(self) -> bool:
         return all(_plain_greedy(self.requests[req_id].sampling_params)

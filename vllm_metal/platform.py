@@ -149,8 +149,9 @@ def refuse_unsupported(vllm_config) -> None:
         problems.append(f"--kv-cache-dtype {cache.cache_dtype} (the KV cache uses the model dtype)")
     if vllm_config.lora_config is not None:
         problems.append("--enable-lora (LoRA adapters are not supported)")
-    if vllm_config.speculative_config is not None:
-        problems.append("--speculative-config (speculative decoding is not supported yet)")
+    spec = vllm_config.speculative_config
+    if spec is not None and spec.method != "ngram":
+        problems.append(f"--speculative-config method {spec.method!r} (only 'ngram' is supported)")
     if parallel.world_size > 1 or parallel.data_parallel_size > 1:
         problems.append(
             "tensor/pipeline/data parallel sizes above 1 (run one engine per machine for now)"

@@ -80,6 +80,9 @@ class MetalWorker(WorkerBase):
     def sample_tokens(self, grammar_output):
         return self.model_runner.sample_tokens(grammar_output)
 
+    def take_draft_token_ids(self):
+        return self.model_runner.take_draft_token_ids()
+
     def synchronize_device(self) -> None:
         import mlx.core as mx
 
