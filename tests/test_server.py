@@ -12,7 +12,8 @@ from vllm_metal.testing.server import Server
 def server(tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "serve.log"
     srv = Server([tiny_model("qwen3"), "--dtype", "float32", "--max-model-len", "512",
-                  "--kv-cache-memory-bytes", str(64 * 1024**2), "--served-model-name", "tiny"],
+                  "--kv-cache-memory-bytes", str(64 * 1024**2), "--served-model-name", "tiny",
+                  "--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}'],
                  log_path=log)
     with srv:
         yield srv
@@ -86,3 +87,15 @@ def test_bad_request_is_400(server):
     assert r.status_code == 400
     r = post(server, "/v1/completions", {"model": "nope", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 404
+
+
+def test_chat_response_format_json_schema(server):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+              "required": ["ok"], "additionalProperties": False}
+    r = post(server, "/v1/chat/completions", {
+        "model": "tiny", "messages": [{"role": "user", "content": "Answer in JSON"}],
+        "max_tokens": 40, "temperature": 0,
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": "answer", "schema": schema}}})
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["choices"][0]["message"]["content"]) in ({"ok": True}, {"ok": False})
