@@ -33,9 +33,13 @@ def readme_server(tmp_path_factory):
     serve, _ = readme_commands()
     log = tmp_path_factory.mktemp("readme") / "serve.log"
     # bash -c 'CMD "$@"' serve --host 127.0.0.1 --port N: the README's line, on a free port.
-    server = Server([], command=["bash", "-c", serve + ' "$@"', "serve"], log_path=log, cwd=ROOT)
-    with server.start(timeout=400):
+    line = serve.replace(" && ", " && exec ", 1)  # the server replaces bash: one process to stop
+    server = Server([], command=["bash", "-c", line + ' "$@"', "serve"], log_path=log, cwd=ROOT)
+    server.start(timeout=400)
+    try:
         yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")

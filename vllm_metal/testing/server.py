@@ -1,5 +1,6 @@
 """Start `vllm serve` as a real subprocess on 127.0.0.1 for tests and benchmarks."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 
@@ -57,14 +59,24 @@ class Server:
         return Path(self.log_path).read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """SIGINT (vLLM's graceful shutdown), then SIGKILL for whatever of the
+        process tree is left: the API server may move its engine to another group."""
+        if self.process is None:
             return
-        os.killpg(self.process.pid, signal.SIGINT)
         try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+            tree = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        for child in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
     def __enter__(self):
         return self.start()
