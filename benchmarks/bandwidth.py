@@ -27,8 +27,20 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def measure(buffer_bytes: int = 1 << 30, repeats: int = 5) -> dict:
-    """GB/s for a numpy copy (bytes read + written), a sum and a matrix-vector product (bytes read)."""
+def _torch_sum_seconds(tensor, threads: int, repeats: int) -> float:
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _best_seconds(lambda: tensor.sum(), repeats)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def measure(buffer_bytes: int = 1 << 30, repeats: int = 7) -> dict:
+    """GB/s for a numpy copy (bytes read + written), a torch sum on one thread and
+    on all, and a numpy matrix-vector product (bytes read)."""
     import torch
 
     side = int((buffer_bytes // 4) ** 0.5)
@@ -39,7 +51,8 @@ def measure(buffer_bytes: int = 1 << 30, repeats: int = 5) -> dict:
     tensor = torch.from_numpy(matrix)
     rates = {
         "copy_gb_s": 2 * nbytes / _best_seconds(lambda: np.copyto(target, matrix), repeats) / 1e9,
-        "sum_gb_s": nbytes / _best_seconds(lambda: tensor.sum(), repeats) / 1e9,
+        "sum_gb_s": nbytes / _torch_sum_seconds(tensor, torch.get_num_threads(), repeats) / 1e9,
+        "sum_1_thread_gb_s": nbytes / _torch_sum_seconds(tensor, 1, repeats) / 1e9,
         "gemv_gb_s": nbytes / _best_seconds(lambda: matrix @ vector, repeats) / 1e9,
     }
     rates = {k: round(v, 2) for k, v in rates.items()}

@@ -4,7 +4,10 @@ process per engine, model and dtype."""
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import time
+
 from benchmarks import overhead
+from benchmarks.contention import ForeignCpu, share_of_machine
 from benchmarks.engines import MLX_LM, OFFLINE_ENGINES, PLUGIN, VLLM_CPU, Engine
 from benchmarks.procs import WorkerFailed, engine_env, run_worker
 from benchmarks.prompts import batch_prompts, random_prompt
@@ -62,14 +65,16 @@ def execute(run: WorkerRun, scale: Scale, model_dir: Path, vocab_size: int, logs
     log = logs / f"{run.engine.key}-{run.model}-{run.dtype}.log"
     base = {"engine": run.engine.key, "model": run.model, "dtype": run.dtype, "log": str(log)}
     env = engine_env(run.engine.use_mlx, VLLM_METAL_DEBUG="1" if run.engine is PLUGIN else "0")
+    started = time.perf_counter()
     try:
-        result = run_worker(worker_spec(run, scale, model_dir, vocab_size), env, log, scale.timeout_s)
+        with ForeignCpu() as foreign:
+            result = run_worker(worker_spec(run, scale, model_dir, vocab_size), env, log, scale.timeout_s)
     except WorkerFailed as error:
         return [{**base, "kind": w["kind"], "status": f"failed: {error}"} for w in run.workloads]
     rows = []
     for workload, metrics in zip(run.workloads, result["results"]):
         row = {**base, "kind": workload["kind"], "status": "ok", "startup_s": result["startup_s"],
-               **metrics}
+               "other_cpu": share_of_machine(foreign.seconds, time.perf_counter() - started), **metrics}
         if run.engine is PLUGIN and workload["kind"] == "single":
             row["step"] = overhead.step_breakdown(log, metrics["itl_p50_ms"],
                                                   scale.single_new_tokens - 1)

@@ -23,6 +23,11 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def other(row: dict) -> str:
+    share = row.get("other_cpu")
+    return "n/a" if share is None else f"{100 * share:.0f}%"
+
+
 def ok(row: dict) -> bool:
     return str(row.get("status", "")).startswith("ok")
 
@@ -41,13 +46,13 @@ def single_section(results: dict, scale) -> list[str]:
     rows = [r for r in results["offline"] if r["kind"] == "single"]
     ceilings = results["ceilings"]
     header = ["engine", "dtype", "decode tok/s", "vs mlx-lm", "% of bandwidth limit",
-              "TTFT s", "ITL p50 ms", "startup s"]
+              "TTFT s", "ITL p50 ms", "startup s", "other CPU"]
     body = []
     for dtype in scale.single_dtypes:
         mlx = next((r for r in rows if r["engine"] == "mlx-lm" and r["dtype"] == dtype and ok(r)), None)
         ceiling = ceilings[dtype]["ceiling_tok_s"]
         body.append(["bandwidth limit", dtype, fmt(ceiling), ratio(ceiling, mlx and mlx["decode_tok_s"]),
-                     "100%", "", "", ""])
+                     "100%", "", "", "", ""])
         for row in (r for r in rows if r["dtype"] == dtype):
             if not ok(row):
                 body.append([row["engine"], dtype] + status_cells(row, len(header) - 2))
@@ -55,7 +60,7 @@ def single_section(results: dict, scale) -> list[str]:
             body.append([row["engine"], dtype, fmt(row["decode_tok_s"]),
                          ratio(row["decode_tok_s"], mlx and mlx["decode_tok_s"]),
                          f"{100 * row['decode_tok_s'] / ceiling:.0f}%", fmt(row["ttft_s"]),
-                         fmt(row["itl_p50_ms"], 1), fmt(row["startup_s"], 1)])
+                         fmt(row["itl_p50_ms"], 1), fmt(row["startup_s"], 1), other(row)])
     c = ceilings[scale.single_dtypes[0]]
     title = (f"## Single-stream decode: {scale.single_model}, prompt {scale.single_prompt_len}, "
              f"{scale.single_new_tokens} new tokens, greedy, ignore_eos")
@@ -81,14 +86,14 @@ def overhead_section(results: dict) -> list[str]:
 def batch_section(results: dict, scale) -> list[str]:
     rows = [r for r in results["offline"] if r["kind"] == "batch"]
     mlx = next((r for r in rows if r["engine"] == "mlx-lm" and ok(r)), None)
-    header = ["engine", "output tok/s", "vs mlx-lm", "elapsed s", "output tokens"]
+    header = ["engine", "output tok/s", "vs mlx-lm", "elapsed s", "output tokens", "other CPU"]
     body = []
     for row in rows:
         if not ok(row):
             body.append([row["engine"]] + status_cells(row, len(header) - 1))
             continue
         body.append([row["engine"], fmt(row["output_tok_s"]), ratio(row["output_tok_s"], mlx and mlx["output_tok_s"]),
-                     fmt(row["elapsed_s"], 1), str(row["output_tokens"])])
+                     fmt(row["elapsed_s"], 1), str(row["output_tokens"]), other(row)])
     lo, hi = scale.batch_prompt_range
     title = (f"## Offline batch: {scale.concurrency_model} ({scale.concurrency_dtype}), "
              f"{scale.batch_requests} requests, prompts {lo}-{hi} tokens, {scale.batch_new_tokens} new tokens each")
@@ -99,7 +104,7 @@ def batch_section(results: dict, scale) -> list[str]:
 def serving_section(results: dict, scale) -> list[str]:
     rows = [r for r in results["serving"] if r["kind"] == "serving"]
     header = ["server", "concurrency", "output tok/s", "vs mlx_lm.server", "TTFT p50 ms", "TTFT p99 ms",
-              "ITL p50 ms", "ITL p99 ms"]
+              "ITL p50 ms", "ITL p99 ms", "other CPU"]
     body = []
     for row in sorted(rows, key=lambda r: (r["concurrency"], r["engine"])):
         if not ok(row):
@@ -109,7 +114,8 @@ def serving_section(results: dict, scale) -> list[str]:
                     and ok(r)), None)
         body.append([row["engine"], str(row["concurrency"]), fmt(row["output_tok_s"]),
                      ratio(row["output_tok_s"], mlx and mlx["output_tok_s"]), fmt(row["ttft_p50_ms"], 0),
-                     fmt(row["ttft_p99_ms"], 0), fmt(row["itl_p50_ms"], 1), fmt(row["itl_p99_ms"], 1)])
+                     fmt(row["ttft_p99_ms"], 0), fmt(row["itl_p50_ms"], 1), fmt(row["itl_p99_ms"], 1),
+                     other(row)])
     title = (f"## Online serving: `vllm bench serve`, random {scale.serve_prompt_len} tokens in, "
              f"{scale.serve_output_len} out, {scale.concurrency_model} ({scale.concurrency_dtype})")
     return [title, ""] + table(header, body)
@@ -117,7 +123,8 @@ def serving_section(results: dict, scale) -> list[str]:
 
 def prefix_section(results: dict, scale) -> list[str]:
     rows = [r for r in results["serving"] if r["kind"] == "prefix"]
-    header = ["server", "prefix caching", "TTFT 1st request ms", "TTFT p50 of the rest ms", "TTFT p50 all ms"]
+    header = ["server", "prefix caching", "TTFT 1st request ms", "TTFT p50 of the rest ms", "TTFT p50 all ms",
+              "other CPU"]
     body = []
     for row in rows:
         caching = "on" if row["prefix_caching"] else "off (--no-enable-prefix-caching)"
@@ -125,7 +132,7 @@ def prefix_section(results: dict, scale) -> list[str]:
             body.append([row["engine"], caching] + status_cells(row, len(header) - 2))
             continue
         body.append([row["engine"], caching, fmt(row["ttft_first_ms"], 0), fmt(row["ttft_rest_p50_ms"], 0),
-                     fmt(row["ttft_all_p50_ms"], 0)])
+                     fmt(row["ttft_all_p50_ms"], 0), other(row)])
     title = (f"## Prefix caching: {scale.prefix_requests} requests sharing a {scale.prefix_len}-token prefix "
              f"(+{scale.prefix_suffix_len} own tokens, {scale.prefix_output_len} out), concurrency 1")
     note = "mlx_lm.server keeps its own prompt cache (always on)."
@@ -141,7 +148,10 @@ def markdown(results: dict, scale, targets: list[Target]) -> str:
         f"Machine: {results['machine']}  ",
         f"Memory bandwidth: {bw['bandwidth_gb_s']:.1f} GB/s (copy {bw['copy_gb_s']:.1f} read+write, "
         f"sum {bw['sum_gb_s']:.1f}, gemv {bw['gemv_gb_s']:.1f})  ",
-        f"Total time: {results['elapsed_s'] / 60:.1f} min",
+        f"Total time: {results['elapsed_s'] / 60:.1f} min  ",
+        "\"other CPU\": the machine's CPU time that processes outside this run used during that "
+        "measurement (server sessions: over all their runs). Above a few percent the figures are "
+        "disturbed: on a 2-core CPU one busy neighbour can slow an MLX forward several-fold.",
         "",
     ]
     sections = [targets_section(targets), single_section(results, scale), overhead_section(results),

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         "scale": asdict(scale),
         "command": shlex.join([Path(sys.executable).name, "-m", "benchmarks.run", *(argv or sys.argv[1:])]),
         "machine": machine(),
-        "bandwidth": bandwidth.measure(),
+        "bandwidth": bandwidth.measure(scale.bandwidth_buffer_bytes),
         "models": {k: str(v) for k, v in model_dirs.items()},
     }
     results["ceilings"] = ceilings(scale, model_dirs, results["bandwidth"]["bandwidth_gb_s"])

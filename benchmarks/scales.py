@@ -37,6 +37,7 @@ class Scale:
     cpu_backend_eager: bool
     kv_cache_bytes: int
     max_model_len: int
+    bandwidth_buffer_bytes: int
     timeout_s: int  # per worker / per server session
 
 
@@ -51,7 +52,7 @@ SCALES = {
         serve_prompts_per_client=1,
         prefix_len=256, prefix_suffix_len=16, prefix_requests=4, prefix_output_len=2,
         run_cpu_backend=False, run_prefix_cold=False, cpu_backend_eager=True,
-        kv_cache_bytes=64 * MiB, max_model_len=512, timeout_s=300,
+        kv_cache_bytes=64 * MiB, max_model_len=512, bandwidth_buffer_bytes=256 * MiB, timeout_s=300,
     ),
     "small": Scale(
         name="small",
@@ -63,7 +64,7 @@ SCALES = {
         serve_prompts_per_client=2,
         prefix_len=1024, prefix_suffix_len=32, prefix_requests=8, prefix_output_len=4,
         run_cpu_backend=True, run_prefix_cold=True, cpu_backend_eager=True,
-        kv_cache_bytes=512 * MiB, max_model_len=2048, timeout_s=600,
+        kv_cache_bytes=512 * MiB, max_model_len=2048, bandwidth_buffer_bytes=1024 * MiB, timeout_s=600,
     ),
     "full": Scale(
         name="full",
@@ -75,6 +76,7 @@ SCALES = {
         serve_prompts_per_client=4,
         prefix_len=1024, prefix_suffix_len=64, prefix_requests=32, prefix_output_len=16,
         run_cpu_backend=True, run_prefix_cold=True, cpu_backend_eager=False,
-        kv_cache_bytes=4096 * MiB, max_model_len=4096, timeout_s=7200,
+        kv_cache_bytes=4096 * MiB, max_model_len=4096, bandwidth_buffer_bytes=2048 * MiB,
+        timeout_s=7200,
     ),
 }

@@ -5,11 +5,13 @@ several concurrencies, and TTFT with a long shared prefix, against ``vllm serve`
 import json
 import statistics
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.procs import (PYTHON, LOCALHOST, WorkerFailed, engine_env, free_port,
                               run_logged, running_server)
+from benchmarks.contention import ForeignCpu, share_of_machine
 from benchmarks.scales import Scale
 
 SERVER_READY_TIMEOUT_S = 600
@@ -85,13 +87,16 @@ def run_session(session: Session, scale: Scale, model_dir: Path, dtype: str, log
     base = {"engine": session.engine, "model_dir": str(model_dir), "dtype": dtype, "log": str(server_log)}
     try:
         with running_server(cmd, engine_env(True), port, server_log, SERVER_READY_TIMEOUT_S) as (url, startup):
-            results = run_bench_client(session, url, model_dir, client_log, scale.timeout_s)
+            started = time.perf_counter()
+            with ForeignCpu() as foreign:
+                results = run_bench_client(session, url, model_dir, client_log, scale.timeout_s)
+            other_cpu = share_of_machine(foreign.seconds, time.perf_counter() - started)
     except WorkerFailed as error:
         return [{**base, "kind": kind, **fields, "status": f"failed: {error}"}
                 for kind, fields, _ in session.runs]
     rows = []
     for (kind, fields, _), result in zip(session.runs, results):
-        row = {**base, "kind": kind, **fields, "startup_s": startup}
+        row = {**base, "kind": kind, **fields, "startup_s": startup, "other_cpu": other_cpu}
         rows.append({**row, **summarize(kind, result)})
     return rows
 

@@ -21,15 +21,11 @@ PROMPTS = [
 NEW_TOKENS = 16
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_transformers(arch, tiny_model):
-    model_dir = tiny_model(arch)
+def engine_and_reference(model_dir: str, prompts: list[str]):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_ids = [tokenizer(p).input_ids for p in PROMPTS]
-    assert len({len(ids) for ids in prompt_ids}) == len(PROMPTS)
+    prompt_ids = [tokenizer(p).input_ids for p in prompts]
     hf = load_hf(model_dir)
     expected = [greedy_tokens(hf, ids, NEW_TOKENS) for ids in prompt_ids]
-
     llm = start_llm(model_dir)
     try:
         outputs = llm.generate(
@@ -38,26 +34,20 @@ def test_greedy_matches_transformers(arch, tiny_model):
         )
     finally:
         stop_llm(llm)
-    got = [list(o.outputs[0].token_ids) for o in outputs]
+    return prompt_ids, [list(o.outputs[0].token_ids) for o in outputs], expected
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_transformers(arch, tiny_model):
+    prompt_ids, got, expected = engine_and_reference(tiny_model(arch), PROMPTS)
+    assert len({len(ids) for ids in prompt_ids}) == len(PROMPTS)
     assert got == expected
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma3_text"])
 def test_sliding_window_matches_transformers(arch, tiny_model):
     """Prompts longer than a small window: keys outside it must be masked."""
-    model_dir = tiny_model(arch, sliding_window=24)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_ids = [tokenizer(p).input_ids for p in PROMPTS[2:]]
+    prompt_ids, got, expected = engine_and_reference(tiny_model(arch, sliding_window=24),
+                                                     PROMPTS[2:])
     assert all(len(ids) > 24 for ids in prompt_ids)
-    hf = load_hf(model_dir)
-    expected = [greedy_tokens(hf, ids, NEW_TOKENS) for ids in prompt_ids]
-
-    llm = start_llm(model_dir)
-    try:
-        outputs = llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
-            SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
-        )
-    finally:
-        stop_llm(llm)
-    assert [list(o.outputs[0].token_ids) for o in outputs] == expected
+    assert got == expected

@@ -83,7 +83,11 @@ def test_unsupported_architecture_is_refused_with_the_list(tiny_model, tmp_path)
     ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
     ({"enable_lora": True}, "LoRA"),
     ({"tensor_parallel_size": 2}, "parallel"),
+    ({"runner": "pooling"}, "only text generation"),
+    ({"speculative_config": {"method": "draft_model", "num_speculative_tokens": 2}}, "ngram"),
 ])
 def test_unsupported_options_are_refused(tiny_model, option, words):
+    if "speculative_config" in option:
+        option["speculative_config"]["model"] = tiny_model("qwen3")
     with pytest.raises(Exception, match=words):
         start_llm(tiny_model("qwen3"), **option)
