@@ -1,14 +1,13 @@
 """Offline workloads: single-stream decode and batch throughput, one worker
 process per engine, model and dtype."""
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import time
-
 from benchmarks import overhead
 from benchmarks.contention import ForeignCpu, share_of_machine
-from benchmarks.engines import MLX_LM, OFFLINE_ENGINES, PLUGIN, VLLM_CPU, Engine
+from benchmarks.engines import PLUGIN, Engine
 from benchmarks.procs import WorkerFailed, engine_env, run_worker
 from benchmarks.prompts import batch_prompts, random_prompt
 from benchmarks.scales import Scale
@@ -89,6 +88,3 @@ def unavailable_rows(engine: Engine, scale: Scale, reason: str) -> list[dict]:
             rows.append({"engine": engine.key, "model": run.model, "dtype": run.dtype,
                          "kind": workload["kind"], "status": reason})
     return rows
-
-
-__all__ = ["plan", "execute", "unavailable_rows", "OFFLINE_ENGINES", "MLX_LM", "VLLM_CPU"]

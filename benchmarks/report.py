@@ -92,11 +92,13 @@ def batch_section(results: dict, scale) -> list[str]:
         if not ok(row):
             body.append([row["engine"]] + status_cells(row, len(header) - 1))
             continue
-        body.append([row["engine"], fmt(row["output_tok_s"]), ratio(row["output_tok_s"], mlx and mlx["output_tok_s"]),
+        versus = ratio(row["output_tok_s"], mlx and mlx["output_tok_s"])
+        body.append([row["engine"], fmt(row["output_tok_s"]), versus,
                      fmt(row["elapsed_s"], 1), str(row["output_tokens"]), other(row)])
     lo, hi = scale.batch_prompt_range
     title = (f"## Offline batch: {scale.concurrency_model} ({scale.concurrency_dtype}), "
-             f"{scale.batch_requests} requests, prompts {lo}-{hi} tokens, {scale.batch_new_tokens} new tokens each")
+             f"{scale.batch_requests} requests, prompts {lo}-{hi} tokens, "
+             f"{scale.batch_new_tokens} new tokens each")
     apis = "vllm-metal and vLLM CPU: `LLM.generate`; mlx-lm: `BatchGenerator` (what `batch_generate` drives)."
     return [title, "", apis, ""] + table(header, body)
 
@@ -110,8 +112,8 @@ def serving_section(results: dict, scale) -> list[str]:
         if not ok(row):
             body.append([row["engine"], str(row["concurrency"])] + status_cells(row, len(header) - 2))
             continue
-        mlx = next((r for r in rows if r["engine"] == "mlx_lm.server" and r["concurrency"] == row["concurrency"]
-                    and ok(r)), None)
+        mlx = next((r for r in rows if r["engine"] == "mlx_lm.server"
+                    and r["concurrency"] == row["concurrency"] and ok(r)), None)
         body.append([row["engine"], str(row["concurrency"]), fmt(row["output_tok_s"]),
                      ratio(row["output_tok_s"], mlx and mlx["output_tok_s"]), fmt(row["ttft_p50_ms"], 0),
                      fmt(row["ttft_p99_ms"], 0), fmt(row["itl_p50_ms"], 1), fmt(row["itl_p99_ms"], 1),
@@ -146,8 +148,9 @@ def markdown(results: dict, scale, targets: list[Target]) -> str:
         "",
         f"Command: `{results['command']}`  ",
         f"Machine: {results['machine']}  ",
-        f"Memory bandwidth: {bw['bandwidth_gb_s']:.1f} GB/s (copy {bw['copy_gb_s']:.1f} read+write, "
-        f"sum {bw['sum_gb_s']:.1f}, gemv {bw['gemv_gb_s']:.1f})  ",
+        f"Memory bandwidth: {bw['bandwidth_gb_s']:.1f} GB/s, the best of: copy {bw['copy_gb_s']:.1f} "
+        f"(read + write), sum {bw['sum_gb_s']:.1f} (1 thread: {bw['sum_1_thread_gb_s']:.1f}), "
+        f"gemv {bw['gemv_gb_s']:.1f} GB/s  ",
         f"Total time: {results['elapsed_s'] / 60:.1f} min  ",
         "\"other CPU\": the machine's CPU time that processes outside this run used during that "
         "measurement (server sessions: over all their runs). Above a few percent the figures are "
@@ -155,7 +158,8 @@ def markdown(results: dict, scale, targets: list[Target]) -> str:
         "",
     ]
     sections = [targets_section(targets), single_section(results, scale), overhead_section(results),
-                batch_section(results, scale), serving_section(results, scale), prefix_section(results, scale)]
+                batch_section(results, scale), serving_section(results, scale),
+                prefix_section(results, scale)]
     return "\n".join(head + [line for s in sections for line in s + [""]])
 
 

@@ -86,7 +86,8 @@ def run_session(session: Session, scale: Scale, model_dir: Path, dtype: str, log
     cmd = session.command(model_dir, dtype, port, scale)
     base = {"engine": session.engine, "model_dir": str(model_dir), "dtype": dtype, "log": str(server_log)}
     try:
-        with running_server(cmd, engine_env(True), port, server_log, SERVER_READY_TIMEOUT_S) as (url, startup):
+        server = running_server(cmd, engine_env(True), port, server_log, SERVER_READY_TIMEOUT_S)
+        with server as (url, startup):
             started = time.perf_counter()
             with ForeignCpu() as foreign:
                 results = run_bench_client(session, url, model_dir, client_log, scale.timeout_s)
