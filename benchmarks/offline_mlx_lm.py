@@ -7,7 +7,7 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from benchmarks.offline_vllm import WARMUP_TOKENS, stream_metrics
+from benchmarks.offline_vllm import WARMUP_TOKENS, batch_record, stream_metrics
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
@@ -69,10 +69,4 @@ def batch_throughput(model, prompts: list[list[int]], max_tokens: int) -> dict:
     start = time.perf_counter()
     generated = run_batch(model, prompts, max_tokens)
     elapsed = time.perf_counter() - start
-    return {
-        "requests": len(prompts),
-        "prompt_tokens": sum(map(len, prompts)),
-        "output_tokens": generated,
-        "elapsed_s": elapsed,
-        "output_tok_s": generated / elapsed,
-    }
+    return batch_record(prompts, generated, elapsed)

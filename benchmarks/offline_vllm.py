@@ -75,6 +75,11 @@ def batch_throughput(llm, prompts: list[list[int]], max_tokens: int) -> dict:
     )
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return batch_record(prompts, generated, elapsed)
+
+
+def batch_record(prompts: list[list[int]], generated: int, elapsed: float) -> dict:
+    """The offline-batch figures every engine reports."""
     return {
         "requests": len(prompts),
         "prompt_tokens": sum(map(len, prompts)),
