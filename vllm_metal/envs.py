@@ -9,6 +9,8 @@
 | VLLM_METAL_DEBUG | 0 | 1 logs each step's batch composition and timings |
 | VLLM_METAL_DEQUANTIZE | auto | auto, 1 or 0: dequantize quantized weights at load (auto: only on the CPU device, where MLX's quantized kernels are slow) |
 | VLLM_METAL_BLAS | auto | auto or a path: the BLAS library MLX's CPU device uses for float32 (auto: the system OpenBLAS when present) |
+| VLLM_METAL_DISTRIBUTED_BACKEND | ring | ring, jaccl or mpi: the mx.distributed backend for tensor/pipeline parallel collectives (ring: TCP; jaccl: RDMA over Thunderbolt) |
+| VLLM_METAL_CONNECT_TIMEOUT | 30 | seconds a rank waits to reach the coordinator (rank 0's --master-addr:--master-port) before giving up |
 
 A bad value stops startup with a message naming the variable and what it accepts.
 """
@@ -73,6 +75,19 @@ def _block_size(name: str) -> Callable[[str], int]:
     return parse
 
 
+def _seconds(name: str) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if value <= 0:
+            raise SettingError(f"{name}={raw!r}: use a positive number of seconds")
+        return value
+
+    return parse
+
+
 def _text(name: str) -> Callable[[str], str]:
     return lambda raw: raw.strip()
 
@@ -95,6 +110,14 @@ _SETTINGS = [
         "dequantize weights at load",
     ),
     Setting("VLLM_METAL_BLAS", "auto", _text("VLLM_METAL_BLAS"), "BLAS library for MLX on CPU"),
+    Setting(
+        "VLLM_METAL_DISTRIBUTED_BACKEND",
+        "ring",
+        _choice("VLLM_METAL_DISTRIBUTED_BACKEND", ("ring", "jaccl", "mpi")),
+        "mx.distributed backend",
+    ),
+    Setting("VLLM_METAL_CONNECT_TIMEOUT", "30", _seconds("VLLM_METAL_CONNECT_TIMEOUT"),
+            "coordinator connect timeout"),
 ]
 SETTINGS = {s.name: s for s in _SETTINGS}
 

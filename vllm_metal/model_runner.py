@@ -6,7 +6,15 @@ forward groups (all single-token decodes together, each prompt chunk alone);
 each group runs one MLX forward on the paged cache; ``sample_tokens`` hands the
 logits to vLLM's own torch ``Sampler`` (every sampling option with vLLM's
 semantics) and books the results.
+
+Under tensor parallelism every rank runs the same groups on its shard of the
+model and rank 0 of the stage samples and broadcasts the tokens. Under pipeline
+parallelism a stage runs its layers and hands the hidden states on; earlier
+stages learn the sampled tokens from the scheduler's next output. Every rank
+checks that it runs the batch its stage's rank 0 runs (``batch_fingerprint``).
 """
+
+import hashlib
 
 import logging
 import time
@@ -60,8 +68,19 @@ class StepState:
 
 
 class MetalModelRunner:
-    def __init__(self, vllm_config):
+    def __init__(self, vllm_config, model_parallel=None):
         self.vllm_config = vllm_config
+        self.parallel = model_parallel  # ModelParallel, or None for one rank
+        parallel_config = vllm_config.parallel_config
+        self.tp_size = parallel_config.tensor_parallel_size
+        self.pp_size = parallel_config.pipeline_parallel_size
+        topology = model_parallel.topology if model_parallel is not None else None
+        self.tp_rank = topology.tp_rank if topology else 0
+        self.pp_rank = topology.pp_rank if topology else 0
+        self.is_last_stage = self.pp_rank == self.pp_size - 1
+        self.samples = self.is_last_stage and self.tp_rank == 0
+        self.stage_layers: range | None = None
+        self.handoff = None
         self.model_config = vllm_config.model_config
         self.cache_config = vllm_config.cache_config
         self.scheduler_config = vllm_config.scheduler_config
@@ -85,27 +104,50 @@ class MetalModelRunner:
         self.draft_token_ids: DraftTokenIds | None = None
         spec = vllm_config.speculative_config
         if spec is not None:
-            from vllm.v1.spec_decode.ngram_proposer import NgramProposer
-
-            self.drafter = NgramProposer(vllm_config)
             self.num_spec_tokens = spec.num_speculative_tokens
+            if self.samples:
+                from vllm.v1.spec_decode.ngram_proposer import NgramProposer
+
+                self.drafter = NgramProposer(vllm_config)
 
     # ---- setup -------------------------------------------------------------
     def load_model(self) -> None:
-        self.model = CausalLM(load_model(self.model_config.model, self.dtype))
-        arch = (self.model_config.architectures or [""])[0]
         hf_config = self.model_config.hf_text_config
+        self.model = CausalLM(load_model(self.model_config.model, self.dtype, self._partition))
+        if self.stage_layers is None:
+            self.stage_layers = range(self.model.num_layers)
+        arch = (self.model_config.architectures or [""])[0]
         self.grouped_mask = (arch in GROUPED_SCORE_MASK and
                              self.model_config.get_total_num_kv_heads() != hf_config.num_attention_heads)
         self.default_window = model_wide_window(arch, hf_config)
 
+    def _partition(self, model) -> None:
+        """This rank's part of the model: its pipeline stage, its tensor shard."""
+        if self.parallel is None:
+            return
+        from vllm_metal.distributed.pipeline import split_stages
+        from vllm_metal.distributed.tensor_parallel import shard_model
+
+        hf_config = self.model_config.hf_text_config
+        if self.pp_size > 1:
+            self.stage_layers, self.handoff = split_stages(
+                model, self.pp_rank, self.pp_size, self.parallel, mx_dtype(self.dtype),
+                hf_config.hidden_size, bool(getattr(hf_config, "tie_word_embeddings", False)),
+            )
+        if self.tp_size > 1:
+            shard_model(model, self.tp_rank, self.tp_size, self.parallel.tp_all_sum)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.model_config.get_total_num_kv_heads() // self.tp_size
+
     def kv_layer_names(self) -> list[str]:
-        return [f"model.layers.{i}.self_attn" for i in range(self.model.num_layers)]
+        return [f"model.layers.{i}.self_attn" for i in self.stage_layers]
 
     def get_kv_cache_spec(self) -> dict[str, FullAttentionSpec]:
         spec = FullAttentionSpec(
             block_size=self.block_size,
-            num_kv_heads=self.model_config.get_total_num_kv_heads(),
+            num_kv_heads=self.num_kv_heads,
             head_size=self.model_config.get_head_size(),
             dtype=self.dtype,
         )
@@ -113,9 +155,9 @@ class MetalModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         return PagedKVCache.bytes_per_block(
-            self.model.num_layers,
+            len(self.stage_layers),
             self.block_size,
-            self.model_config.get_total_num_kv_heads(),
+            self.num_kv_heads,
             self.model_config.get_head_size(),
             self.dtype.itemsize,
         )
@@ -126,9 +168,10 @@ class MetalModelRunner:
             num_layers=self.model.num_layers,
             num_blocks=num_blocks,
             block_size=self.block_size,
-            num_kv_heads=self.model_config.get_total_num_kv_heads(),
+            num_kv_heads=self.num_kv_heads,
             head_dim=self.model_config.get_head_size(),
             dtype=mx_dtype(self.dtype),
+            own_layers=self.stage_layers,
         )
         self.input_batch = InputBatch(
             max_num_reqs=self.max_num_reqs,
@@ -157,7 +200,7 @@ class MetalModelRunner:
                                self.kv_cache.scratch_slot)
         hidden = self.model.hidden_states(mx.zeros((1, 1), mx.int32),
                                           self.kv_cache.layer_views(plan))
-        mx.eval(self.model.logits(hidden[:, -1]))
+        self._evaluate(self._stage_result(hidden[:, -1]))
 
     # ---- step: states ------------------------------------------------------
     def update_states(self, scheduler_output) -> None:
@@ -181,6 +224,8 @@ class MetalModelRunner:
             num_output = cached.num_output_tokens[i]
             if num_output < len(state.output_token_ids):
                 del state.output_token_ids[num_output:]
+            if not self.is_last_stage and cached.new_token_ids:
+                self._learn_sampled_tokens(state, cached.new_token_ids[i])
             if req_id in cached.resumed_req_ids:
                 state.block_ids = new_blocks
                 to_add.append(state)
@@ -195,6 +240,8 @@ class MetalModelRunner:
             batch.num_computed_tokens_cpu[index] = state.num_computed_tokens
             if new_blocks is not None:
                 batch.block_table.append_row(new_blocks, index)
+            if not self.is_last_stage and cached.new_token_ids:
+                self._write_known_tokens(index, state)
             batch.update_req_spec_token_ids(state, scheduler_output.scheduled_spec_decode_tokens)
 
         for state in to_add:
@@ -202,6 +249,29 @@ class MetalModelRunner:
             batch.update_req_spec_token_ids(state, scheduler_output.scheduled_spec_decode_tokens)
         batch.condense()
         batch.refresh_metadata()
+
+    def _learn_sampled_tokens(self, state: CachedRequestState, token_ids: list[int]) -> None:
+        """An earlier pipeline stage does not sample: the scheduler sends the tokens
+        it is about to compute, the last of which the last stage sampled."""
+        output = state.output_token_ids
+        first_output = state.num_computed_tokens - len(state.prompt_token_ids)
+        for i, token in enumerate(token_ids):
+            j = first_output + i
+            if j == len(output):
+                output.append(token)
+            elif 0 <= j < len(output):
+                output[j] = token
+
+    def _write_known_tokens(self, row: int, state: CachedRequestState) -> None:
+        batch = self.input_batch
+        num_prompt = len(state.prompt_token_ids)
+        end = num_prompt + len(state.output_token_ids)
+        start = min(int(batch.num_tokens_no_spec[row]), end)
+        if start < num_prompt:
+            start = num_prompt
+        batch.token_ids_cpu[row, start:end] = state.output_token_ids[start - num_prompt:]
+        batch.is_token_ids[row, start:end] = True
+        batch.num_tokens_no_spec[row] = max(int(batch.num_tokens_no_spec[row]), end)
 
     def _new_request(self, data) -> CachedRequestState:
         params = data.sampling_params
@@ -235,15 +305,25 @@ class MetalModelRunner:
         self.update_states(scheduler_output)
         if scheduler_output.total_num_scheduled_tokens == 0 or self.input_batch.num_reqs == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
+        if self.parallel is not None:
+            self._check_batch(scheduler_output)
         t1 = time.perf_counter()
         groups = self.plan_groups(scheduler_output.num_scheduled_tokens)
+        if not self.is_last_stage:
+            for group in groups:
+                self._evaluate(self._run_group(group, {}, {}))
+            self.step_state = StepState(scheduler_output, None)
+            return None
         rows_logits, prompt_logits, draft_checks = [], {}, {}
         for i, group in enumerate(groups):
             logits = self._run_group(group, prompt_logits, draft_checks)
             rows_logits.append((group.rows, logits))
             # Each group must finish before the next writes the same KV pools:
             # a pool still referenced by a pending graph would be copied, not updated.
-            (mx.eval if i + 1 < len(groups) else mx.async_eval)(logits, prompt_logits, draft_checks)
+            if i + 1 < len(groups) or self.parallel is not None:
+                self._evaluate(logits, prompt_logits, draft_checks)
+            else:
+                mx.async_eval(logits, prompt_logits, draft_checks)
         order = np.argsort(np.concatenate([rows for rows, _ in rows_logits]))
         logits = mx.concatenate([lg for _, lg in rows_logits], axis=0)
         if len(groups) > 1:
@@ -286,6 +366,8 @@ class MetalModelRunner:
         plan = BatchPlan.build(block_table, group.starts, qlens, self.block_size,
                                self.kv_cache.scratch_slot, self.grouped_mask, self.default_window)
         hidden = self.model.hidden_states(mx.array(tokens), self.kv_cache.layer_views(plan))
+        if not self.is_last_stage:
+            return self.handoff.take_pending()
         num_drafts = np.array([len(batch.spec_token_ids[row]) for row in group.rows])
         sample_at = hidden[mx.arange(len(rows)), mx.array(qlens - 1 - num_drafts)]
         for i, row in enumerate(group.rows):
@@ -297,12 +379,45 @@ class MetalModelRunner:
                 draft_checks[row] = mx.argmax(self.model.logits(verify), axis=-1)
         return self.model.logits(sample_at)
 
+    def _stage_result(self, hidden_rows: mx.array):
+        """What a forward ends in: logits on the last stage, the pending send before it."""
+        return self.model.logits(hidden_rows) if self.is_last_stage else self.handoff.take_pending()
+
+    def _evaluate(self, *arrays) -> None:
+        if self.parallel is None:
+            mx.eval(*arrays)
+        else:
+            self.parallel.run(*arrays)
+
+    # ---- step: batch agreement ---------------------------------------------
+    def _check_batch(self, scheduler_output) -> None:
+        """Stop with an error naming the rank, never run diverging batches: every rank
+        of a stage compares with the stage's rank 0; a later stage compares with
+        the fingerprint the stage before it sends ahead of its activations."""
+        from vllm_metal.distributed.parallel import BatchMismatchError, _split64
+
+        fingerprint = batch_fingerprint(self.input_batch, scheduler_output)
+        self.parallel.check_batch(fingerprint)
+        mine = np.array(_split64(fingerprint), np.int32)
+        if self.pp_rank > 0:
+            theirs = np.array(self.parallel.run(self.parallel.pp_recv((2,), mx.int32)))
+            if not np.array_equal(theirs, mine):
+                sender = self.parallel.topology.rank - self.tp_size
+                raise BatchMismatchError(self.parallel.mismatch_message(sender))
+        if not self.is_last_stage:
+            self.parallel.run(self.parallel.pp_send(mx.array(mine)))
+
     # ---- step: sampling ----------------------------------------------------
-    def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
+    def sample_tokens(self, grammar_output) -> ModelRunnerOutput | None:
         state = self.step_state
         if state is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
         self.step_state = None
+        if not self.is_last_stage:
+            self._finish_prompt_logprobs(state.scheduler_output)
+            return None
+        if not self.samples:
+            return self._receive_samples(state)
         t0 = time.perf_counter()
         batch = self.input_batch
         discard = self._rows_still_in_prefill(state.scheduler_output)
@@ -321,9 +436,12 @@ class MetalModelRunner:
         for row in discard:
             sampled[row] = []
         self._accept_drafts(sampled, state.draft_checks)
+        if self.tp_size > 1:
+            self.parallel.tp_broadcast_tokens(self._encode_sampled(sampled))
         self._append_sampled(sampled)
         self._propose_drafts(sampled, state.scheduler_output)
         prompt_logprobs = self._prompt_logprobs(state)
+        self._finish_prompt_logprobs(state.scheduler_output)
         result = ModelRunnerOutput(
             req_ids=list(batch.req_ids),
             req_id_to_index=dict(batch.req_id_to_index),
@@ -342,6 +460,22 @@ class MetalModelRunner:
                 (t1 - t0) * 1e3, (t2 - t1) * 1e3,
             )
         return result
+
+    def _encode_sampled(self, sampled: list[list[int]]) -> np.ndarray:
+        """[num_reqs, 1 + drafts] of token + 1, 0 where none (the broadcast sums)."""
+        table = np.zeros((len(sampled), 1 + self.num_spec_tokens), np.int32)
+        for row, ids in enumerate(sampled):
+            table[row, : len(ids)] = np.asarray(ids, np.int32) + 1
+        return table
+
+    def _receive_samples(self, state: StepState) -> None:
+        """A TP rank other than the stage's first books the tokens rank 0 sampled."""
+        table = self.parallel.tp_broadcast_tokens(
+            np.zeros((self.input_batch.num_reqs, 1 + self.num_spec_tokens), np.int32))
+        sampled = [[int(t) - 1 for t in row if t] for row in table]
+        self._append_sampled(sampled)
+        self._finish_prompt_logprobs(state.scheduler_output)
+        return None
 
     def _sample_with_vllm(self, logits: torch.Tensor, discard: list[int]):
         """vLLM's sampler; a seeded request whose token is discarded (still in
@@ -411,7 +545,6 @@ class MetalModelRunner:
 
     def _prompt_logprobs(self, state: StepState) -> dict:
         result = {}
-        finished = []
         for req_id, chunk_logits in state.prompt_logits.items():
             request = self.requests[req_id]
             num_prompt = len(request.prompt_token_ids)
@@ -423,7 +556,6 @@ class MetalModelRunner:
             remaining = num_prompt - (start + 1)
             count = min(chunk_logits.shape[0], remaining)
             if chunk_logits.shape[0] > remaining:
-                finished.append(req_id)
                 result[req_id] = tensors
             if count <= 0:
                 continue
@@ -435,10 +567,33 @@ class MetalModelRunner:
             tensors.logprob_token_ids[start : start + count].copy_(token_ids)
             tensors.logprobs[start : start + count].copy_(logprobs)
             tensors.selected_token_ranks[start : start + count].copy_(ranks)
-        for req_id in finished:
-            del self.num_prompt_logprobs[req_id]
-            self.requests[req_id].in_progress_prompt_logprobs_cpu = None
         return result
+
+    def _finish_prompt_logprobs(self, scheduler_output) -> None:
+        """Requests whose prompt is done leave the prompt-logprob path, on every
+        rank alike (it decides how requests are grouped into forwards)."""
+        for req_id in list(self.num_prompt_logprobs):
+            request = self.requests[req_id]
+            scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            if scheduled and request.num_computed_tokens + scheduled >= len(request.prompt_token_ids):
+                del self.num_prompt_logprobs[req_id]
+                request.in_progress_prompt_logprobs_cpu = None
+
+
+def batch_fingerprint(batch: InputBatch, scheduler_output) -> int:
+    """The batch composition every rank must agree on: requests in row order, and
+    for each its scheduled tokens, position, drafts and blocks."""
+    digest = hashlib.blake2b(digest_size=8)
+    for row, req_id in enumerate(batch.req_ids):
+        digest.update(req_id.encode())
+        digest.update(np.array([
+            scheduler_output.num_scheduled_tokens[req_id],
+            batch.num_computed_tokens_cpu[row],
+            batch.num_tokens_no_spec[row],
+            len(batch.spec_token_ids[row]),
+        ], np.int64).tobytes())
+        digest.update(batch.block_table[0].get_numpy_array()[row, :4].tobytes())
+    return int.from_bytes(digest.digest(), "little")
 
 
 def _plain_greedy(params) -> bool:

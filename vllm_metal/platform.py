@@ -19,7 +19,8 @@ class UnsupportedConfig(ValueError):
 
 class MetalPlatform(Platform):
     _enum = PlatformEnum.OOT
-    device_name = "mlx"
+    # torch device strings are built from this (vLLM's groups keep CPU tensors)
+    device_name = "cpu"
     # vLLM's own bookkeeping (input batch, sampler) runs on CPU torch tensors;
     # the model itself runs in MLX.
     device_type = "cpu"
@@ -89,6 +90,10 @@ class MetalPlatform(Platform):
             parallel.worker_cls = "vllm_metal.worker.MetalWorker"
         if parallel.world_size == 1:
             parallel.distributed_executor_backend = "uni"
+        else:
+            # One worker process per rank; vLLM's control plane, MLX's collectives.
+            parallel.distributed_executor_backend = "mp"
+            parallel.disable_custom_all_reduce = True
 
         cache = vllm_config.cache_config
         if not cache.user_specified_block_size:
@@ -123,7 +128,9 @@ class MetalPlatform(Platform):
 
     @classmethod
     def get_device_communicator_cls(cls) -> str:
-        return "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
+        # vLLM's groups carry only its control plane; the model's collectives go
+        # through mx.distributed.
+        return "vllm.distributed.device_communicators.base_device_communicator.DeviceCommunicatorBase"
 
     @classmethod
     def support_hybrid_kv_cache(cls) -> bool:
@@ -152,10 +159,10 @@ def refuse_unsupported(vllm_config) -> None:
     spec = vllm_config.speculative_config
     if spec is not None and spec.method != "ngram":
         problems.append(f"--speculative-config method {spec.method!r} (only 'ngram' is supported)")
-    if parallel.world_size > 1 or parallel.data_parallel_size > 1:
-        problems.append(
-            "tensor/pipeline/data parallel sizes above 1 (run one engine per machine for now)"
-        )
+    if parallel.data_parallel_size > 1:
+        problems.append("--data-parallel-size above 1 (run one engine per machine)")
+    if parallel.world_size > 1:
+        problems += parallel_problems(model, parallel)
     if vllm_config.kv_transfer_config is not None:
         problems.append("--kv-transfer-config (KV connectors are not supported)")
     if problems:
@@ -164,3 +171,47 @@ def refuse_unsupported(vllm_config) -> None:
             + "; ".join(problems)
             + ". Remove these options, or set VLLM_METAL_USE_MLX=0 to use vLLM's own platform."
         )
+
+
+def parallel_problems(model, parallel) -> list[str]:
+    """Tensor/pipeline parallel layouts this platform cannot run, each with its fix."""
+    from vllm_metal.distributed.parallel import ring_layout_problem
+
+    problems = []
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    backend = parallel.distributed_executor_backend
+    if backend not in (None, "mp") and not isinstance(backend, type):
+        problems.append(
+            f"--distributed-executor-backend {backend} (vllm-metal starts one process per rank "
+            "itself: leave the option out, or use python -m vllm_metal.launch across hosts)"
+        )
+    if parallel.prefill_context_parallel_size > 1 or parallel.decode_context_parallel_size > 1:
+        problems.append("context parallelism (only tensor and pipeline parallel are supported)")
+    if parallel.enable_expert_parallel:
+        problems.append("--enable-expert-parallel (MoE experts are split by tensor parallelism)")
+    if envs.VLLM_METAL_DISTRIBUTED_BACKEND == "ring":
+        layout = ring_layout_problem(tp, pp)
+        if layout:
+            problems.append(layout)
+    if model is not None:
+        text = model.hf_text_config
+        heads = getattr(text, "num_attention_heads", 0)
+        kv_heads = model.get_total_num_kv_heads()
+        if heads % tp or kv_heads % tp:
+            problems.append(
+                f"--tensor-parallel-size {tp}: the model has {heads} attention heads and "
+                f"{kv_heads} KV heads, and both must divide by it (use a size that divides "
+                f"{_gcd(heads, kv_heads)})"
+            )
+        layers = getattr(text, "num_hidden_layers", 0)
+        if pp > layers:
+            problems.append(
+                f"--pipeline-parallel-size {pp}: the model has only {layers} layers"
+            )
+    return problems
+
+
+def _gcd(a: int, b: int) -> int:
+    import math
+
+    return math.gcd(a, b)

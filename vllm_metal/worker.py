@@ -1,6 +1,12 @@
-"""vLLM V1 worker: one process, one MLX device, one model runner."""
+"""vLLM V1 worker: one process, one MLX device, one model runner.
+
+With tensor or pipeline parallelism vLLM starts one worker per rank. Each joins
+vLLM's gloo group (vLLM's control plane: scheduler output to every rank) and
+then the MLX group that carries the model's own collectives."""
 
 import logging
+import os
+import socket
 import time
 
 import psutil
@@ -27,9 +33,49 @@ class MetalWorker(WorkerBase):
         from vllm.utils.torch_utils import set_random_seed
 
         set_random_seed(self.model_config.seed)
+        self.model_parallel = None
+        if self.parallel_config.world_size > 1:
+            self.model_parallel = self._init_distributed()
         from vllm_metal.model_runner import MetalModelRunner
 
-        self.model_runner = MetalModelRunner(self.vllm_config)
+        self.model_runner = MetalModelRunner(self.vllm_config, self.model_parallel)
+
+    def _init_distributed(self):
+        import torch
+        from vllm.distributed.parallel_state import (
+            ensure_model_parallel_initialized,
+            get_world_group,
+            init_distributed_environment,
+        )
+        from vllm.utils.network_utils import get_ip
+
+        from vllm_metal.distributed.bootstrap import start_model_parallel
+        from vllm_metal.distributed.parallel import Topology
+
+        parallel = self.parallel_config
+        multi_node = parallel.nnodes > 1
+        host_ip = get_ip() if multi_node else "127.0.0.1"
+        if multi_node:
+            _use_interface_of(host_ip)
+        if multi_node and parallel.node_rank > 0:
+            _wait_for_coordinator(self.rank, parallel.master_addr, parallel.master_port)
+        init_distributed_environment(
+            parallel.world_size, self.rank, self.distributed_init_method, self.local_rank,
+            backend="gloo",
+        )
+        ensure_model_parallel_initialized(
+            parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+        )
+        cpu_group = get_world_group().cpu_group
+
+        def all_gather_object(obj):
+            gathered = [None] * parallel.world_size
+            torch.distributed.all_gather_object(gathered, obj, group=cpu_group)
+            return gathered
+
+        topology = Topology(self.rank, parallel.tensor_parallel_size,
+                            parallel.pipeline_parallel_size)
+        return start_model_parallel(topology, host_ip, all_gather_object)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         if load_dummy_weights:
@@ -56,6 +102,7 @@ class MetalWorker(WorkerBase):
         return kv_cache_budget(
             weights=_weights_bytes(self.model_runner),
             block_bytes=self.model_runner.kv_bytes_per_block(),
+            ranks_on_host=self.parallel_config.local_world_size,
         )
 
     def initialize_from_config(self, kv_cache_config) -> None:
@@ -113,13 +160,14 @@ def _weights_bytes(runner) -> int:
     return weight_bytes(runner.model.model)
 
 
-def kv_cache_budget(weights: int, block_bytes: int) -> int:
-    """Bytes for the KV cache: the configured share of the machine's memory,
-    less the weights and a reserve for activations, and never more than is free now."""
+def kv_cache_budget(weights: int, block_bytes: int, ranks_on_host: int = 1) -> int:
+    """Bytes for the KV cache: this rank's part (ranks on one host split it) of the
+    configured share of the machine's memory, less its weights and a reserve for
+    activations, and never more than is free now."""
     fraction = envs.VLLM_METAL_MEMORY_FRACTION
     memory = psutil.virtual_memory()
-    budget = int(memory.total * fraction) - weights - ACTIVATION_RESERVE_BYTES
-    free_now = memory.available - ACTIVATION_RESERVE_BYTES
+    budget = int(memory.total * fraction) // ranks_on_host - weights - ACTIVATION_RESERVE_BYTES
+    free_now = memory.available // ranks_on_host - ACTIVATION_RESERVE_BYTES
     if budget > free_now:
         logger.warning(
             "VLLM_METAL_MEMORY_FRACTION=%.2f asks for %.1f GB of KV cache but only %.1f GB "
@@ -135,3 +183,38 @@ def kv_cache_budget(weights: int, block_bytes: int) -> int:
             "--kv-cache-memory-bytes, or use a smaller (or quantized) model."
         )
     return budget
+
+
+def _use_interface_of(host_ip: str) -> None:
+    """gloo binds the interface its hostname resolves to unless told otherwise;
+    point it at the one that carries this host's address."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == host_ip for a in addresses):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
+    raise RuntimeError(
+        f"VLLM_HOST_IP={host_ip} is not an address of this host "
+        f"({', '.join(sorted(psutil.net_if_addrs()))}): set it to this host's address "
+        "on the network the other hosts reach (the hostfile's ips entry)"
+    )
+
+
+def _wait_for_coordinator(rank: int, address: str, port: int) -> None:
+    """Fail within VLLM_METAL_CONNECT_TIMEOUT, not torch's 10 minutes, when rank 0's
+    coordinator cannot be reached."""
+    deadline = time.monotonic() + envs.VLLM_METAL_CONNECT_TIMEOUT
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=2.0):
+                return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"rank {rank} cannot reach the coordinator at {address}:{port} ({error}) "
+                    f"within {envs.VLLM_METAL_CONNECT_TIMEOUT:.0f} s. Check that --master-addr "
+                    "is rank 0's address as seen from this host, that rank 0 is running, and "
+                    "that no firewall blocks the port (VLLM_METAL_CONNECT_TIMEOUT sets the wait)."
+                ) from error
+            time.sleep(0.5)

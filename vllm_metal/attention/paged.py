@@ -19,14 +19,18 @@ import numpy as np
 
 
 class PagedKVCache:
-    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype):
+    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype,
+                 own_layers=None):
+        """``own_layers``: the layers this rank runs (a pipeline stage); others get no pool."""
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.scratch_slot = num_blocks * block_size
         shape = (self.scratch_slot + 1, num_kv_heads, head_dim)
-        self.keys = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.values = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        mx.eval(self.keys, self.values)
+        own = set(range(num_layers) if own_layers is None else own_layers)
+        self.keys = [mx.zeros(shape, dtype=dtype) if i in own else None for i in range(num_layers)]
+        self.values = [mx.zeros(shape, dtype=dtype) if i in own else None
+                       for i in range(num_layers)]
+        mx.eval([k for k in self.keys if k is not None], [v for v in self.values if v is not None])
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, itemsize) -> int:

@@ -32,7 +32,9 @@ def should_dequantize() -> bool:
     return choice == "1"
 
 
-def load_model(model_path: str, torch_dtype: torch.dtype) -> nn.Module:
+def load_model(model_path: str, torch_dtype: torch.dtype, transform=None) -> nn.Module:
+    """``transform(model)`` runs before the weights are read (sharding keeps only
+    this rank's slices)."""
     start = time.perf_counter()
     dtype = mx_dtype(torch_dtype)
     dequantize = should_dequantize()
@@ -42,6 +44,8 @@ def load_model(model_path: str, torch_dtype: torch.dtype) -> nn.Module:
         was_quantized = True
     else:
         model, was_quantized = _load_hf_directory(Path(model_path), dtype, dequantize)
+    if transform is not None:
+        transform(model)
     mx.eval(model.parameters())
     if dequantize and was_quantized:
         logger.info(
@@ -62,7 +66,7 @@ def load_model(model_path: str, torch_dtype: torch.dtype) -> nn.Module:
 def _load_hf_directory(path: Path, dtype: mx.Dtype, dequantize: bool):
     from mlx_lm.utils import dequantize_model, load_model as mlx_lm_load_model
 
-    model, config = mlx_lm_load_model(path)
+    model, config = mlx_lm_load_model(path, lazy=True)
     quantized = "quantization" in config
     if quantized and dequantize:
         model = dequantize_model(model)

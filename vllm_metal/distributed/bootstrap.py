@@ -1,0 +1,130 @@
+"""Start the MLX group from vLLM's control plane.
+
+vLLM's workers already share a gloo group. Over it every rank publishes its
+address, a free port for MLX's ring and a liveness port, and its software
+versions; then each rank writes the same ring hostfile and joins the MLX group.
+"""
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+from importlib.metadata import version
+
+from vllm_metal import envs
+from vllm_metal.distributed.parallel import DistributedError, ModelParallel, Topology, ring_order
+
+logger = logging.getLogger("vllm.metal")
+
+VERSIONED_PACKAGES = ("vllm", "mlx", "mlx-lm", "vllm-metal")
+
+
+def software_versions() -> dict[str, str]:
+    found = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = version(name)
+        except Exception:
+            found[name] = "missing"
+    return found
+
+
+def start_model_parallel(topology: Topology, host_ip: str, all_gather_object) -> ModelParallel:
+    import mlx.core as mx
+
+    backend = envs.VLLM_METAL_DISTRIBUTED_BACKEND
+    liveness_port = _serve_liveness(host_ip)
+    mine = {
+        "rank": topology.rank,
+        "host": host_ip,
+        "ring_port": _free_port(host_ip),
+        "liveness_port": liveness_port,
+        "versions": software_versions(),
+    }
+    everyone = sorted(all_gather_object(mine), key=lambda info: info["rank"])
+    _check_versions(everyone)
+
+    if backend == "ring":
+        order = ring_order(topology.tp_size, topology.pp_size)
+        hostfile = [[f"{everyone[r]['host']}:{everyone[r]['ring_port']}"] for r in order]
+        path = os.path.join(tempfile.mkdtemp(prefix="vllm-metal-ring-"), "hosts.json")
+        with open(path, "w") as f:
+            json.dump(hostfile, f)
+        os.environ["MLX_HOSTFILE"] = path
+        os.environ["MLX_RANK"] = str(order.index(topology.rank))
+    else:
+        # jaccl / mpi read their own settings (MLX_IBV_DEVICES, MLX_JACCL_COORDINATOR,
+        # or mpirun's); MLX ranks are vLLM ranks.
+        order = list(range(topology.world_size))
+        os.environ.setdefault("MLX_RANK", str(topology.rank))
+    try:
+        group = mx.distributed.init(backend=backend, strict=True)
+    except Exception as error:
+        raise DistributedError(
+            f"rank {topology.rank} could not join the MLX {backend} group ({error}). Check that "
+            "every host can reach the others' addresses (VLLM_HOST_IP) on any TCP port."
+        ) from error
+    if group.size() != topology.world_size:
+        raise DistributedError(
+            f"the MLX {backend} group has {group.size()} ranks, vLLM expects "
+            f"{topology.world_size} (tensor x pipeline parallel size)"
+        )
+    parallel = ModelParallel(
+        topology,
+        group,
+        {rank: position for position, rank in enumerate(order)},
+        {info["rank"]: (info["host"], info["liveness_port"])
+         for info in everyone if info["rank"] != topology.rank},
+    )
+    if backend != "ring" and topology.tp_size > 1 and topology.pp_size > 1:
+        parallel.tp_subgroup = group.split(topology.pp_rank, topology.tp_rank)
+    logger.info(
+        "vllm-metal: rank %d joined the MLX %s group (TP rank %d of %d, PP stage %d of %d)",
+        topology.rank, backend, topology.tp_rank, topology.tp_size,
+        topology.pp_rank, topology.pp_size,
+    )
+    return parallel
+
+
+def _check_versions(everyone: list[dict]) -> None:
+    reference = everyone[0]
+    for info in everyone[1:]:
+        if info["versions"] != reference["versions"]:
+            diff = ", ".join(
+                f"{name} {reference['versions'][name]} on rank 0 ({reference['host']}) vs "
+                f"{info['versions'].get(name)} on rank {info['rank']} ({info['host']})"
+                for name in VERSIONED_PACKAGES
+                if info["versions"].get(name) != reference["versions"][name]
+            )
+            raise DistributedError(
+                f"version mismatch between hosts: {diff}. Install the same versions on "
+                "every host (./install.sh pins them)."
+            )
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _serve_liveness(host: str) -> int:
+    """A port that accepts connections while this process lives, so a rank that
+    loses a peer can name which one is gone."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((host, 0))
+    server.listen(16)
+
+    def accept_forever():
+        while True:
+            try:
+                conn, _ = server.accept()
+                conn.close()
+            except OSError:
+                return
+
+    threading.Thread(target=accept_forever, daemon=True, name="vllm-metal-liveness").start()
+    return server.getsockname()[1]
