@@ -129,13 +129,13 @@ class MetalModelRunner:
         from vllm_metal.distributed.tensor_parallel import shard_model
 
         hf_config = self.model_config.hf_text_config
+        if self.tp_size > 1:
+            shard_model(model, self.tp_rank, self.tp_size, self.parallel.tp_all_sum)
         if self.pp_size > 1:
             self.stage_layers, self.handoff = split_stages(
                 model, self.pp_rank, self.pp_size, self.parallel, mx_dtype(self.dtype),
                 hf_config.hidden_size, bool(getattr(hf_config, "tie_word_embeddings", False)),
             )
-        if self.tp_size > 1:
-            shard_model(model, self.tp_rank, self.tp_size, self.parallel.tp_all_sum)
 
     @property
     def num_kv_heads(self) -> int:

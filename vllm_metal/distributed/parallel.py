@@ -114,11 +114,20 @@ class ModelParallel:
             return mx.distributed.all_sum(x, group=self.group)
         if self.tp_subgroup is not None:
             return mx.distributed.all_sum(x, group=self.tp_subgroup)
-        # Ring, TP=2 inside a stage: swap partial sums with the partner.
+        # Ring, TP=2 inside a stage: swap partial sums with the partner, one
+        # direction at a time (two large sends at once over one socket pair block
+        # both ranks), so the graph is evaluated up to here.
         partner = self.mlx_rank_of[t.rank_at(t.pp_rank, 1 - t.tp_rank)]
-        theirs = mx.distributed.recv_like(x, partner, group=self.group)
-        sent = mx.distributed.send(x, partner, group=self.group)
-        return mx.depends(x + theirs, sent)
+        self.run(x)
+        send = lambda: self.run(mx.distributed.send(x, partner, group=self.group))
+        receive = lambda: self.run(mx.distributed.recv_like(x, partner, group=self.group))
+        if t.tp_rank == 0:
+            send()
+            theirs = receive()
+        else:
+            theirs = receive()
+            send()
+        return x + theirs
 
     def tp_broadcast_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """Rank 0 of the stage's ``tokens`` (int32) on every rank of the stage."""

@@ -82,7 +82,7 @@ class StageHandoff:
 
 
 def split_stages(model: nn.Module, pp_rank: int, pp_size: int, parallel, dtype,
-                 tied_embeddings: bool) -> tuple[range, StageHandoff]:
+                 hidden_size: int, tied_embeddings: bool) -> tuple[range, StageHandoff]:
     backbone = model.model
     layers = backbone.layers
     mine = stage_layers(len(layers), pp_rank, pp_size)
@@ -93,8 +93,7 @@ def split_stages(model: nn.Module, pp_rank: int, pp_size: int, parallel, dtype,
     if pp_rank > 0:
         layers[mine.start] = ReceiveInput(layers[mine.start], handoff)
         if not (tied_embeddings and pp_rank == pp_size - 1):
-            embed = backbone.embed_tokens
-            backbone.embed_tokens = ZeroEmbedding(embed.weight.shape[-1], dtype)
+            backbone.embed_tokens = ZeroEmbedding(hidden_size, dtype)
     if pp_rank < pp_size - 1:
         layers[mine.stop - 1] = SendOutput(layers[mine.stop - 1], handoff)
         if "lm_head" in model:
