@@ -79,6 +79,7 @@ class MetalModelRunner:
         self.pp_rank = topology.pp_rank if topology else 0
         self.is_last_stage = self.pp_rank == self.pp_size - 1
         self.samples = self.is_last_stage and self.tp_rank == 0
+        self.reports_output = self.samples  # vLLM reads the outputs of this rank only
         self.stage_layers: range | None = None
         self.handoff = None
         self.model_config = vllm_config.model_config

@@ -4,6 +4,7 @@ With tensor or pipeline parallelism vLLM starts one worker per rank. Each joins
 vLLM's gloo group (vLLM's control plane: scheduler output to every rank) and
 then the MLX group that carries the model's own collectives."""
 
+import contextlib
 import logging
 import os
 import socket
@@ -122,10 +123,28 @@ class MetalWorker(WorkerBase):
         return ("generate",)
 
     def execute_model(self, scheduler_output):
-        return self.model_runner.execute_model(scheduler_output)
+        with self._stop_on_lost_rank():
+            return self.model_runner.execute_model(scheduler_output)
 
     def sample_tokens(self, grammar_output):
-        return self.model_runner.sample_tokens(grammar_output)
+        with self._stop_on_lost_rank():
+            return self.model_runner.sample_tokens(grammar_output)
+
+    @contextlib.contextmanager
+    def _stop_on_lost_rank(self):
+        """The rank whose output the engine reads reports a lost peer as the step's
+        error; any other rank exits, which vLLM's worker monitor turns into an
+        engine failure (its error would otherwise go unread)."""
+        from vllm_metal.distributed.parallel import DistributedError
+
+        try:
+            yield
+        except DistributedError as error:
+            logger.error("vllm-metal: %s", error)
+            if not self.model_runner.reports_output:
+                logging.shutdown()
+                os._exit(1)
+            raise
 
     def take_draft_token_ids(self):
         return self.model_runner.take_draft_token_ids()

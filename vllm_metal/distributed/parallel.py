@@ -187,8 +187,8 @@ class ModelParallel:
                if lost else "a peer rank")
         return (
             f"rank {self.topology.rank} lost contact with {who} at step {self.step} "
-            f"({error}). The engine stops; restart every rank (python -m vllm_metal.launch "
-            "restarts them all)."
+            f"({error}). The engine stops: check that host, then start every rank again "
+            "(run python -m vllm_metal.launch again)."
         )
 
 

@@ -21,29 +21,44 @@ def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
 
 
 class PassThrough(nn.Module):
+    """Another stage's layer: keeps the layer's plain attributes (the backbone may
+    read flags such as ``use_sliding``), none of its weights."""
+
+    def __init__(self, layer: nn.Module | None = None):
+        super().__init__()
+        if layer is not None:
+            for key, value in vars(layer).items():
+                if not key.startswith("_") and not isinstance(value, (mx.array, nn.Module)):
+                    setattr(self, key, value)
+
     def __call__(self, x, *args, **kwargs):
         return x
 
 
-class ReceiveInput(nn.Module):
-    """First layer of a later stage: its input is the previous stage's output."""
+class _Wrapped(nn.Module):
+    """A stage-boundary layer that otherwise looks like the layer it wraps."""
 
     def __init__(self, layer: nn.Module, handoff: "StageHandoff"):
         super().__init__()
         self.layer = layer
         self._handoff = handoff
+
+    def __getattr__(self, key):
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            return getattr(super().__getattr__("layer"), key)
+
+
+class ReceiveInput(_Wrapped):
+    """First layer of a later stage: its input is the previous stage's output."""
 
     def __call__(self, x, *args, **kwargs):
         return self.layer(self._handoff.receive(x.shape, x.dtype), *args, **kwargs)
 
 
-class SendOutput(nn.Module):
+class SendOutput(_Wrapped):
     """Last layer of an earlier stage: its output goes to the next stage."""
-
-    def __init__(self, layer: nn.Module, handoff: "StageHandoff"):
-        super().__init__()
-        self.layer = layer
-        self._handoff = handoff
 
     def __call__(self, x, *args, **kwargs):
         out = self.layer(x, *args, **kwargs)
@@ -89,7 +104,7 @@ def split_stages(model: nn.Module, pp_rank: int, pp_size: int, parallel, dtype,
     handoff = StageHandoff(parallel)
     for index in range(len(layers)):
         if index not in mine:
-            layers[index] = PassThrough()
+            layers[index] = PassThrough(layers[index])
     if pp_rank > 0:
         layers[mine.start] = ReceiveInput(layers[mine.start], handoff)
         if not (tied_embeddings and pp_rank == pp_size - 1):

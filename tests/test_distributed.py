@@ -1,0 +1,57 @@
+"""Tensor and pipeline parallel on one host: N x M worker processes, the model's
+collectives through mx.distributed (ring backend on 127.0.0.1), greedy tokens
+identical to one rank's in float32."""
+
+import pytest
+from vllm import SamplingParams
+
+from conftest import start_llm, stop_llm
+from vllm_metal.testing.tiny_models import SUPPORTED_TINY_ARCHS
+
+PROMPTS = [
+    "def add_one(x):",
+    "The quick brown fox jumps over the lazy dog. " * 6,
+    "a",
+    "hello world " * 40,
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+_reference: dict = {}
+
+
+def generate(model: str, **options) -> list[list[int]]:
+    llm = start_llm(model, **options)
+    try:
+        return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, GREEDY)]
+    finally:
+        stop_llm(llm)
+
+
+def one_rank_tokens(model: str) -> list[list[int]]:
+    if model not in _reference:
+        _reference[model] = generate(model)
+    return _reference[model]
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_TINY_ARCHS)
+def test_tensor_parallel_2_matches_one_rank(tiny_model, arch):
+    model = tiny_model(arch)
+    assert generate(model, tensor_parallel_size=2) == one_rank_tokens(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_tensor_parallel_4_matches_one_rank(tiny_model, arch):
+    model = tiny_model(arch, num_key_value_heads=4)
+    assert generate(model, tensor_parallel_size=4) == one_rank_tokens(model)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "mixtral"])
+def test_pipeline_parallel_2_matches_one_rank(tiny_model, arch):
+    model = tiny_model(arch)
+    assert generate(model, pipeline_parallel_size=2) == one_rank_tokens(model)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+def test_tensor_2_by_pipeline_2_matches_one_rank(tiny_model, arch):
+    model = tiny_model(arch, num_hidden_layers=4)
+    assert generate(model, tensor_parallel_size=2, pipeline_parallel_size=2) == one_rank_tokens(model)
