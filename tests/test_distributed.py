@@ -4,6 +4,7 @@ identical to one rank's in float32."""
 
 import pytest
 from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
 
 from conftest import start_llm, stop_llm
 from vllm_metal.testing.tiny_models import SUPPORTED_TINY_ARCHS
@@ -55,3 +56,37 @@ def test_pipeline_parallel_2_matches_one_rank(tiny_model, arch):
 def test_tensor_2_by_pipeline_2_matches_one_rank(tiny_model, arch):
     model = tiny_model(arch, num_hidden_layers=4)
     assert generate(model, tensor_parallel_size=2, pipeline_parallel_size=2) == one_rank_tokens(model)
+
+
+SHARED_PREFIX = "Once upon a time in a land far away there lived a fox. " * 8
+REPEATS = [TokensPrompt(prompt_token_ids=[7, 8, 9, 10, 11] * 12),
+           TokensPrompt(prompt_token_ids=[40, 41, 42] * 20 + [5, 6])]
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+         "prompt_lookup_min": 1}
+
+
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2, speculative_config=NGRAM),
+                                    dict(pipeline_parallel_size=2)])
+def test_prefix_cache_and_ngram_speculation_stay_on(tiny_model, layout):
+    """Cached prefixes are reused under TP and PP, n-gram drafts are verified under
+    TP, and the tokens are still those of one rank without either."""
+    model = tiny_model("qwen3")
+    prompts = [SHARED_PREFIX + "The fox", SHARED_PREFIX + "The dog", *REPEATS]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    plain = start_llm(model, enable_prefix_caching=False)
+    try:
+        expected = [list(o.outputs[0].token_ids) for o in plain.generate(prompts, params)]
+    finally:
+        stop_llm(plain)
+    llm = start_llm(model, disable_log_stats=False, **layout)
+    try:
+        first = llm.generate(prompts[:1], params)
+        rest = llm.generate(prompts[1:], params)
+        metrics = {m.name: m for m in llm.get_metrics()}
+    finally:
+        stop_llm(llm)
+    got = [list(o.outputs[0].token_ids) for o in first + rest]
+    assert got == expected
+    assert rest[0].num_cached_tokens >= 64
+    if "speculative_config" in layout:
+        assert metrics["vllm:spec_decode_num_draft_tokens"].value > 0

@@ -226,7 +226,8 @@ class MetalModelRunner:
             if num_output < len(state.output_token_ids):
                 del state.output_token_ids[num_output:]
             if not self.is_last_stage and cached.new_token_ids:
-                self._learn_sampled_tokens(state, cached.new_token_ids[i])
+                self._learn_sampled_tokens(state, cached.new_token_ids[i],
+                                           cached.all_token_ids.get(req_id))
             if req_id in cached.resumed_req_ids:
                 state.block_ids = new_blocks
                 to_add.append(state)
@@ -251,11 +252,23 @@ class MetalModelRunner:
         batch.condense()
         batch.refresh_metadata()
 
-    def _learn_sampled_tokens(self, state: CachedRequestState, token_ids: list[int]) -> None:
+    def _learn_sampled_tokens(self, state: CachedRequestState, token_ids: list[int],
+                              all_token_ids: list[int] | None) -> None:
         """An earlier pipeline stage does not sample: the scheduler sends the tokens
-        it is about to compute, the last of which the last stage sampled."""
+        it is about to compute, the last of which the last stage sampled (all of a
+        request's tokens when it was not scheduled just before). Drafts the last
+        stage accepted sit in the batch already, as last step's spec tokens."""
+        num_prompt = len(state.prompt_token_ids)
         output = state.output_token_ids
-        first_output = state.num_computed_tokens - len(state.prompt_token_ids)
+        if all_token_ids is not None:
+            output[:] = all_token_ids[num_prompt:]
+            return
+        first_output = state.num_computed_tokens - num_prompt
+        row = self.input_batch.req_id_to_index.get(state.req_id)
+        if row is not None and len(output) < first_output:
+            accepted = self.input_batch.token_ids_cpu[row, num_prompt + len(output):
+                                                      num_prompt + first_output]
+            output.extend(int(t) for t in accepted)
         for i, token in enumerate(token_ids):
             j = first_output + i
             if j == len(output):

@@ -162,7 +162,7 @@ def refuse_unsupported(vllm_config) -> None:
     if parallel.data_parallel_size > 1:
         problems.append("--data-parallel-size above 1 (run one engine per machine)")
     if parallel.world_size > 1:
-        problems += parallel_problems(model, parallel)
+        problems += parallel_problems(vllm_config)
     if vllm_config.kv_transfer_config is not None:
         problems.append("--kv-transfer-config (KV connectors are not supported)")
     if problems:
@@ -173,10 +173,11 @@ def refuse_unsupported(vllm_config) -> None:
         )
 
 
-def parallel_problems(model, parallel) -> list[str]:
+def parallel_problems(vllm_config) -> list[str]:
     """Tensor/pipeline parallel layouts this platform cannot run, each with its fix."""
     from vllm_metal.distributed.parallel import ring_layout_problem
 
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
     problems = []
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     backend = parallel.distributed_executor_backend
@@ -187,6 +188,14 @@ def parallel_problems(model, parallel) -> list[str]:
         )
     if parallel.prefill_context_parallel_size > 1 or parallel.decode_context_parallel_size > 1:
         problems.append("context parallelism (only tensor and pipeline parallel are supported)")
+    if pp > 1 and vllm_config.speculative_config is not None:
+        # Under PP, vLLM 0.32's batch queue schedules a request's drafts while its
+        # previous step is still in flight, in the position of a token only the
+        # last stage knows yet: the stages would run different inputs.
+        problems.append(
+            "--speculative-config with --pipeline-parallel-size above 1 (n-gram drafts work "
+            "with tensor parallel; drop one of the two)"
+        )
     if parallel.enable_expert_parallel:
         problems.append("--enable-expert-parallel (MoE experts are split by tensor parallelism)")
     if envs.VLLM_METAL_DISTRIBUTED_BACKEND == "ring":
