@@ -162,11 +162,20 @@ def preflight(args, hostfile: Hostfile) -> None:
         t.join()
     if errors:
         raise LaunchError("; ".join(errors))
+    errors = check_reports(args.model, hostfile, [reports[i] for i in range(len(reports))])
+    if errors:
+        raise LaunchError("; ".join(errors))
+
+
+def check_reports(model: str, hostfile: Hostfile, reports: list[dict]) -> list[str]:
+    """What the hosts' preflight reports disagree on, each naming the host and the fix."""
+    errors = []
     first = reports[0]["versions"]
+    local_model = reports[0]["model_found"]  # else a model id each host resolves itself
     for i, host in enumerate(hostfile.hosts):
         report = reports[i]
-        if not report["model_found"]:
-            errors.append(f"model path {args.model} is missing on host {i} ({host.ssh}): copy "
+        if local_model and not report["model_found"]:
+            errors.append(f"model path {model} is missing on host {i} ({host.ssh}): copy "
                           "it there, to the same path")
         if not report["owns_address"]:
             errors.append(f"host {i} ({host.ssh}) has no address {host.address}: fix its "
@@ -176,8 +185,7 @@ def preflight(args, hostfile: Hostfile) -> None:
                              for name in first if report["versions"].get(name) != first[name])
             errors.append(f"version mismatch on host {i} ({host.ssh}): {diff}; install the "
                           "same versions on every host")
-    if errors:
-        raise LaunchError("; ".join(errors))
+    return errors
 
 
 def run(args, hostfile: Hostfile) -> int:
