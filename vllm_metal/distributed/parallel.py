@@ -12,7 +12,7 @@ model every collective runs on one MLX group spanning all ranks:
 MLX's ring backend links each rank to two neighbours and cannot split a group,
 so the ranks are laid out on the ring such that every pair that talks is
 adjacent (``ring_order``). Backends that can split (MPI, JACCL) get one subgroup
-per TP group and per pipeline.
+per TP group.
 """
 
 import logging
@@ -87,8 +87,7 @@ def ring_layout_problem(tp_size: int, pp_size: int) -> str | None:
         return (
             f"tensor-parallel-size {tp_size} x pipeline-parallel-size {pp_size} on the ring "
             "backend (a ring links each rank to two neighbours, which covers TP alone, PP "
-            "alone and TP=2 x PP=2); use one of those, or VLLM_METAL_DISTRIBUTED_BACKEND="
-            "jaccl or mpi, which split groups"
+            "alone and TP=2 x PP=2): use one of those layouts"
         )
     return None
 
