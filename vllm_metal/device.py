@@ -40,6 +40,28 @@ def preload_blas() -> str | None:
     return None
 
 
+# glibc mallopt parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEEP_HEAP_BYTES = 1 << 30
+
+
+def keep_heap_between_steps() -> bool:
+    """Stop glibc from returning the heap to the kernel after every step and from
+    serving large blocks by fresh mmaps: on MLX's CPU device each step's
+    temporaries otherwise cost page faults on every allocation (measured: a
+    batch-16 forward took twice as long). Linux glibc only; a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_HEAP_BYTES)
+        ok &= libc.mallopt(_M_TRIM_THRESHOLD, 2 * _KEEP_HEAP_BYTES)
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
 def mlx_available() -> bool:
     """Whether MLX is installed, without importing it: the process that asks may
     fork the engine later, and MLX must not be initialised across a fork."""

@@ -14,7 +14,7 @@ import psutil
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from vllm_metal import envs
-from vllm_metal.device import describe, select_device
+from vllm_metal.device import describe, keep_heap_between_steps, select_device
 
 logger = logging.getLogger("vllm.metal")
 
@@ -30,6 +30,10 @@ class MetalWorker(WorkerBase):
     def init_device(self) -> None:
         envs.validate_all()
         device = select_device()
+        import mlx.core as mx
+
+        if device.type == mx.cpu:
+            keep_heap_between_steps()
         logger.info("vllm-metal: Metal/MLX platform selected, running on %s (%s)", describe(), device)
         from vllm.utils.torch_utils import set_random_seed
 
