@@ -54,7 +54,8 @@ def test_scheduler_output_fields():
                                       "block_ids", "num_computed_tokens", "mm_features",
                                       "lora_request"}
     assert fields(CachedRequestData) >= {"req_ids", "resumed_req_ids", "new_block_ids",
-                                         "num_computed_tokens", "num_output_tokens"}
+                                         "num_computed_tokens", "num_output_tokens",
+                                         "new_token_ids", "all_token_ids"}
     assert fields(SchedulerOutput) >= {"scheduled_new_reqs", "scheduled_cached_reqs",
                                        "num_scheduled_tokens", "total_num_scheduled_tokens",
                                        "finished_req_ids"}
@@ -102,3 +103,25 @@ def test_structured_output_and_logitsprocs():
 def test_entry_point_registered(group):
     names = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=group)}
     assert names.get("metal") == "vllm_metal:register"
+
+
+def test_distributed_contact():
+    """What the worker uses of vLLM's distributed layer and multi-node mode."""
+    from vllm.config import ParallelConfig
+    from vllm.distributed import parallel_state
+    from vllm.utils.network_utils import get_ip
+
+    assert params(parallel_state.init_distributed_environment) >= {
+        "world_size", "rank", "distributed_init_method", "local_rank", "backend"}
+    assert params(parallel_state.ensure_model_parallel_initialized) >= {
+        "tensor_model_parallel_size", "pipeline_model_parallel_size"}
+    assert callable(parallel_state.get_world_group) and callable(get_ip)
+    assert fields(ParallelConfig) >= {
+        "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "nnodes",
+        "node_rank", "master_addr", "master_port", "distributed_executor_backend",
+        "enable_expert_parallel", "disable_custom_all_reduce",
+        "prefill_context_parallel_size", "decode_context_parallel_size"}
+    assert isinstance(ParallelConfig.local_world_size, property)
+    from vllm.entrypoints.cli.serve import run_headless  # the launcher's --headless hosts
+
+    assert callable(run_headless)
