@@ -45,3 +45,26 @@ def test_sampled_requests_still_follow_their_seed(tiny_model):
     second, _ = run(model, NGRAM, temperature=1.0, seed=4)
     assert first == second
     assert all(len(ids) == 24 for ids in first)
+
+
+def test_drafts_alongside_a_grammar(tiny_model):
+    """A grammar-constrained request in a batch with drafts (its own and others'):
+    the grammar still holds and the greedy request's tokens do not change."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    model = tiny_model("qwen3")
+    plain, _ = run(model, temperature=0.0)
+    llm = start_llm(model, speculative_config=NGRAM, structured_outputs_config={
+        "backend": "guidance", "disable_any_whitespace": True})
+    try:
+        greedy = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.0)
+        constrained = SamplingParams(max_tokens=16, temperature=0.0, structured_outputs=
+                                     StructuredOutputsParams(regex="(ab){2,6}c"))
+        outs = llm.generate(PROMPTS + PROMPTS[:2], [greedy] * 3 + [constrained] * 2)
+    finally:
+        stop_llm(llm)
+    assert [list(o.outputs[0].token_ids) for o in outs[:3]] == plain
+    import re
+
+    for out in outs[3:]:
+        assert re.fullmatch("(ab){2,6}c", out.outputs[0].text), out.outputs[0].text

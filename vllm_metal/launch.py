@@ -38,9 +38,10 @@ def parse_args(argv):
         description="Start vllm serve on every host of an MLX hostfile (rank 0 serves HTTP).",
     )
     parser.add_argument("--hostfile", required=True, help="MLX hostfile (mlx.distributed_config)")
-    parser.add_argument("--remote-exec", default="ssh {ssh}",
+    parser.add_argument("--remote-exec", default="ssh -tt {ssh}",
                         help="command prefix that runs a command on a host; {ssh} is the "
-                             "host's ssh name ('' runs locally)")
+                             "host's ssh name ('' runs locally). ssh's -tt ends the remote "
+                             "command when the launcher stops its ssh")
     parser.add_argument("--python", default=sys.executable,
                         help="python with vllm-metal installed, on every host")
     parser.add_argument("--cwd", default=os.getcwd(), help="working directory on every host")
@@ -60,6 +61,7 @@ def parse_args(argv):
 
 
 def _option(args: list[str], name: str) -> str | None:
+    args = [a.replace("_", "-") if a.startswith("--") else a for a in args]
     for i, arg in enumerate(args):
         if arg == name and i + 1 < len(args):
             return args[i + 1]
@@ -70,6 +72,9 @@ def _option(args: list[str], name: str) -> str | None:
 
 def parallel_sizes(serve: list[str], num_hosts: int) -> tuple[int, int, list[str]]:
     """TP and PP sizes from the serve arguments (TP defaults to one rank per host)."""
+    if _option(serve, "--config") is not None:
+        raise LaunchError("pass the vllm serve options on the command line, not with --config: "
+                          "the launcher reads the parallel sizes from them")
     tp = _option(serve, "--tensor-parallel-size") or _option(serve, "-tp")
     pp = _option(serve, "--pipeline-parallel-size") or _option(serve, "-pp")
     extra = []
@@ -129,7 +134,7 @@ def on_host(remote_exec: str, ssh: str, script: str) -> list[str]:
     prefix = shlex.split(remote_exec.format(ssh=ssh))
     if not prefix:
         return ["bash", "-c", script]
-    if os.path.basename(prefix[0]) == "ssh":
+    if any(os.path.basename(token) == "ssh" for token in prefix):
         return [*prefix, "bash -c " + shlex.quote(script)]
     return [*prefix, "bash", "-c", script]
 
@@ -148,12 +153,16 @@ def preflight(args, hostfile: Hostfile) -> None:
         except subprocess.TimeoutExpired:
             errors.append(f"host {i} ({host.ssh}) did not answer within {PREFLIGHT_TIMEOUT_S} s")
             return
-        if done.returncode != 0:
+        lines = done.stdout.strip().splitlines()
+        try:
+            if done.returncode != 0 or not lines:
+                raise ValueError
+            reports[i] = json.loads(lines[-1])
+        except ValueError:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            errors.append(f"host {i} ({host.ssh}) could not run {args.python} with vllm-metal: "
-                          f"{tail[0]} (check --remote-exec, --python and the install there)")
-            return
-        reports[i] = json.loads(done.stdout.strip().splitlines()[-1])
+            errors.append(f"host {i} ({host.ssh}) could not run {args.python} with vllm-metal "
+                          f"in {args.cwd}: {tail[0]} (check --remote-exec, --python, --cwd and "
+                          "the install there)")
 
     threads = [threading.Thread(target=ask, args=(i, h)) for i, h in enumerate(hostfile.hosts)]
     for t in threads:
@@ -189,26 +198,32 @@ def check_reports(model: str, hostfile: Hostfile, reports: list[dict]) -> list[s
 
 
 def run(args, hostfile: Hostfile) -> int:
-    processes = []
-    for node_rank, ((env, command), host) in enumerate(zip(host_commands(args, hostfile),
-                                                             hostfile.hosts)):
-        argv = on_host(args.remote_exec, host.ssh, shell_script(args, hostfile, env, command))
-        processes.append(subprocess.Popen(argv, start_new_session=True))
-        print(f"[launch] host {node_rank} ({host.ssh}, {host.address}) started "
-              f"{'(serves HTTP)' if node_rank == 0 else '(headless)'}", flush=True)
+    processes: list[subprocess.Popen] = []
 
-    def stop_all(*_):
+    def stop_all() -> None:
+        """SIGTERM to every host's process group (also where its leader has exited:
+        its children may not have), SIGKILL after 10 s."""
         for p in processes:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+            _signal_group(p, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for p in processes:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                pass
+            _signal_group(p, signal.SIGKILL)
 
-    signal.signal(signal.SIGTERM, lambda *_: (stop_all(), sys.exit(143)))
+    stopping = lambda *_: (stop_all(), sys.exit(143))
+    signal.signal(signal.SIGTERM, stopping)
+    signal.signal(signal.SIGHUP, stopping)
+    for node_rank, ((env, command), host) in enumerate(zip(host_commands(args, hostfile),
+                                                             hostfile.hosts)):
+        argv = on_host(args.remote_exec, host.ssh, shell_script(args, hostfile, env, command))
+        processes.append(subprocess.Popen(argv, start_new_session=True,
+                                          stdin=subprocess.DEVNULL))
+        print(f"[launch] host {node_rank} ({host.ssh}, {host.address}) started "
+              f"{'(serves HTTP)' if node_rank == 0 else '(headless)'}", flush=True)
+
     try:
         while True:
             for node_rank, p in enumerate(processes):
@@ -220,12 +235,19 @@ def run(args, hostfile: Hostfile) -> int:
                         # Rank 0 notices the lost rank itself: let it fail the open
                         # requests and say which rank is gone before it is stopped.
                         _wait_quietly(processes[0], RANK0_GRACE_S)
-                    stop_all()
                     return code or (1 if node_rank else 0)
             time.sleep(0.2)
     except KeyboardInterrupt:
-        stop_all()
         return 130
+    finally:
+        stop_all()
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _wait_quietly(process: subprocess.Popen, seconds: float) -> None:

@@ -14,6 +14,7 @@ stages learn the sampled tokens from the scheduler's next output. Every rank
 checks that it runs the batch its stage's rank 0 runs (``batch_fingerprint``).
 """
 
+import dataclasses
 import hashlib
 
 import logging
@@ -386,6 +387,8 @@ class MetalModelRunner:
         sample_at = hidden[mx.arange(len(rows)), mx.array(qlens - 1 - num_drafts)]
         for i, row in enumerate(group.rows):
             req_id = batch.req_ids[row]
+            if not self.samples:
+                break  # only the sampling rank uses prompt logits and draft checks
             if req_id in self.num_prompt_logprobs:
                 prompt_logits[req_id] = self.model.logits(hidden[i, : qlens[i]])
             if num_drafts[i]:
@@ -417,7 +420,7 @@ class MetalModelRunner:
             theirs = np.array(self.parallel.run(self.parallel.pp_recv((2,), mx.int32)))
             if not np.array_equal(theirs, mine):
                 sender = self.parallel.topology.rank - self.tp_size
-                raise BatchMismatchError(self.parallel.mismatch_message(sender))
+                raise BatchMismatchError(self.parallel.mismatch_message(sender, compared_with=None))
         if not self.is_last_stage:
             self.parallel.run(self.parallel.pp_send(mx.array(mine)))
 
@@ -444,7 +447,8 @@ class MetalModelRunner:
             logits = torch.from_numpy(np.array(state.logits.astype(mx.float32)))
             t1 = time.perf_counter()
             if grammar_output is not None:
-                apply_grammar_bitmask(state.scheduler_output, grammar_output, batch, logits)
+                apply_grammar_bitmask(*_first_position_masks(state.scheduler_output,
+                                                             grammar_output), batch, logits)
             output = self._sample_with_vllm(logits, discard)
             sampled = output.sampled_token_ids.tolist()
         for row in discard:
@@ -592,6 +596,22 @@ class MetalModelRunner:
             if scheduled and request.num_computed_tokens + scheduled >= len(request.prompt_token_ids):
                 del self.num_prompt_logprobs[req_id]
                 request.in_progress_prompt_logprobs_cpu = None
+
+
+def _first_position_masks(scheduler_output, grammar_output):
+    """The logits hold one row per request (its first sampling position); vLLM's
+    bitmask has one per scheduled position, drafts included. A request under a
+    grammar is sampled, so it keeps only its first position's token and mask."""
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    if not spec:
+        return scheduler_output, grammar_output
+    rows, row = [], 0
+    for req_id in grammar_output.structured_output_request_ids:
+        rows.append(row)
+        row += 1 + len(spec.get(req_id, ()))
+    return (dataclasses.replace(scheduler_output, scheduled_spec_decode_tokens={}),
+            dataclasses.replace(grammar_output,
+                                grammar_bitmask=grammar_output.grammar_bitmask[rows]))
 
 
 def batch_fingerprint(batch: InputBatch, scheduler_output) -> int:

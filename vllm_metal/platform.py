@@ -202,6 +202,9 @@ def parallel_problems(vllm_config) -> list[str]:
         layout = ring_layout_problem(tp, pp)
         if layout:
             problems.append(layout)
+    elif tp > 1 and pp > 1:
+        problems.append("tensor and pipeline parallel together on jaccl (MLX's jaccl groups "
+                        "cannot be split): use TP alone or PP alone")
     if model is not None:
         text = model.hf_text_config
         heads = getattr(text, "num_attention_heads", 0)

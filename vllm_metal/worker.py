@@ -80,7 +80,7 @@ class MetalWorker(WorkerBase):
 
         topology = Topology(self.rank, parallel.tensor_parallel_size,
                             parallel.pipeline_parallel_size)
-        return start_model_parallel(topology, host_ip, all_gather_object)
+        return start_model_parallel(topology, host_ip, all_gather_object, multi_node)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         if load_dummy_weights:
@@ -136,19 +136,19 @@ class MetalWorker(WorkerBase):
 
     @contextlib.contextmanager
     def _stop_on_lost_rank(self):
-        """The rank whose output the engine reads reports a lost peer as the step's
-        error; any other rank exits, which vLLM's worker monitor turns into an
-        engine failure (its error would otherwise go unread)."""
-        from vllm_metal.distributed.parallel import DistributedError
-
+        """A failed step must stop the engine, never let the ranks drift apart: the
+        rank whose output the engine reads reports the error; any other rank exits
+        (vLLM would log and drop its error, and the rank would carry on out of step
+        with its peers' collectives), which vLLM's worker monitor turns into an
+        engine failure."""
         try:
             yield
-        except DistributedError as error:
-            logger.error("vllm-metal: %s", error)
-            if not self.model_runner.reports_output:
-                logging.shutdown()
-                os._exit(1)
-            raise
+        except Exception as error:
+            if self.model_parallel is None or self.model_runner.reports_output:
+                raise
+            logger.exception("vllm-metal: rank %d stops: %s", self.rank, error)
+            logging.shutdown()
+            os._exit(1)
 
     def take_draft_token_ids(self):
         return self.model_runner.take_draft_token_ids()

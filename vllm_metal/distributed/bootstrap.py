@@ -31,7 +31,8 @@ def software_versions() -> dict[str, str]:
     return found
 
 
-def start_model_parallel(topology: Topology, host_ip: str, all_gather_object) -> ModelParallel:
+def start_model_parallel(topology: Topology, host_ip: str, all_gather_object,
+                         multi_host: bool = False) -> ModelParallel:
     import mlx.core as mx
 
     backend = envs.VLLM_METAL_DISTRIBUTED_BACKEND
@@ -55,16 +56,21 @@ def start_model_parallel(topology: Topology, host_ip: str, all_gather_object) ->
         os.environ["MLX_HOSTFILE"] = path
         os.environ["MLX_RANK"] = str(order.index(topology.rank))
     else:
-        # jaccl / mpi read their own settings (MLX_IBV_DEVICES, MLX_JACCL_COORDINATOR,
-        # or mpirun's); MLX ranks are vLLM ranks.
+        # jaccl reads its own settings (MLX_IBV_DEVICES, MLX_JACCL_COORDINATOR, set
+        # by the launcher); MLX ranks are vLLM ranks.
         order = list(range(topology.world_size))
         os.environ.setdefault("MLX_RANK", str(topology.rank))
     try:
         group = mx.distributed.init(backend=backend, strict=True)
     except Exception as error:
+        advice = {
+            "ring": "Check that every host can reach the others' addresses (VLLM_HOST_IP) on "
+                    "any TCP port.",
+            "jaccl": "Check RDMA (rdma_ctl enable; ibv_devices lists rdma_en*), the hostfile's "
+                     "rdma entries and MLX_JACCL_COORDINATOR.",
+        }[backend]
         raise DistributedError(
-            f"rank {topology.rank} could not join the MLX {backend} group ({error}). Check that "
-            "every host can reach the others' addresses (VLLM_HOST_IP) on any TCP port."
+            f"rank {topology.rank} could not join the MLX {backend} group ({error}). {advice}"
         ) from error
     if group.size() != topology.world_size:
         raise DistributedError(
@@ -77,9 +83,8 @@ def start_model_parallel(topology: Topology, host_ip: str, all_gather_object) ->
         {rank: position for position, rank in enumerate(order)},
         {info["rank"]: (info["host"], info["liveness_port"])
          for info in everyone if info["rank"] != topology.rank},
+        multi_host,
     )
-    if backend != "ring" and topology.tp_size > 1 and topology.pp_size > 1:
-        parallel.tp_subgroup = group.split(topology.pp_rank, topology.tp_rank)
     logger.info(
         "vllm-metal: rank %d joined the MLX %s group (TP rank %d of %d, PP stage %d of %d)",
         topology.rank, backend, topology.tp_rank, topology.tp_size,

@@ -11,8 +11,8 @@ model every collective runs on one MLX group spanning all ranks:
 
 MLX's ring backend links each rank to two neighbours and cannot split a group,
 so the ranks are laid out on the ring such that every pair that talks is
-adjacent (``ring_order``). Backends that can split (MPI, JACCL) get one subgroup
-per TP group.
+adjacent (``ring_order``). JACCL connects every pair but cannot split either:
+it runs TP alone or PP alone.
 """
 
 import logging
@@ -96,12 +96,12 @@ class ModelParallel:
     """The collectives one rank's model and runner use."""
 
     def __init__(self, topology: Topology, group, mlx_rank_of: dict[int, int],
-                 peer_addresses: dict[int, tuple[str, int]]):
+                 peer_addresses: dict[int, tuple[str, int]], multi_host: bool = False):
         self.topology = topology
+        self.multi_host = multi_host
         self.group = group
         self.mlx_rank_of = mlx_rank_of
         self.peer_addresses = peer_addresses  # rank -> liveness (host, port)
-        self.tp_subgroup = None
         self.step = 0
 
     # ---- tensor parallel ---------------------------------------------------
@@ -111,8 +111,6 @@ class ModelParallel:
             return x
         if t.pp_size == 1:
             return mx.distributed.all_sum(x, group=self.group)
-        if self.tp_subgroup is not None:
-            return mx.distributed.all_sum(x, group=self.tp_subgroup)
         # Ring, TP=2 inside a stage: swap partial sums with the partner, one
         # direction at a time (two large sends at once over one socket pair block
         # both ranks), so the graph is evaluated up to here.
@@ -158,12 +156,14 @@ class ModelParallel:
         table = np.array(self.run(self.tp_all_sum(mx.array(table))))
         for tp_rank in range(1, t.tp_size):
             if not np.array_equal(table[tp_rank], table[0]):
-                raise BatchMismatchError(self.mismatch_message(t.rank_at(t.pp_rank, tp_rank)))
+                raise BatchMismatchError(self.mismatch_message(
+                    t.rank_at(t.pp_rank, tp_rank), compared_with=t.rank_at(t.pp_rank, 0)))
 
-    def mismatch_message(self, rank: int) -> str:
+    def mismatch_message(self, rank: int, compared_with: int | None) -> str:
+        other = self.topology.rank if compared_with is None else compared_with
         return (
-            f"rank {rank} scheduled a different batch than rank "
-            f"{self.topology.rank_at(self.topology.pp_rank, 0)} at step {self.step}: the "
+            f"rank {rank} scheduled a different batch than rank {other} at step "
+            f"{self.step}: the "
             "workers disagree on the batch, so the engine stops instead of producing wrong "
             "tokens. Restart the engine; if it recurs, check that every host runs the same "
             "vLLM, MLX and vllm-metal versions."
@@ -175,7 +175,7 @@ class ModelParallel:
         try:
             mx.eval(*arrays)
         except RuntimeError as error:
-            if "[ring]" in str(error) or "connection" in str(error).lower():
+            if any(mark in str(error).lower() for mark in ("[ring]", "[jaccl]", "connection")):
                 raise LostRankError(self.lost_rank_message(error)) from error
             raise
         return arrays[0] if len(arrays) == 1 else arrays
@@ -184,10 +184,11 @@ class ModelParallel:
         lost = [r for r, address in self.peer_addresses.items() if not _alive(address)]
         who = (", ".join(f"rank {r} ({self.peer_addresses[r][0]})" for r in lost)
                if lost else "a peer rank")
+        restart = ("run python -m vllm_metal.launch again" if self.multi_host
+                   else "start vllm serve again")
         return (
             f"rank {self.topology.rank} lost contact with {who} at step {self.step} "
-            f"({error}). The engine stops: check that host, then start every rank again "
-            "(run python -m vllm_metal.launch again)."
+            f"({error}). The engine stops: check that rank's host, then {restart}."
         )
 
 
