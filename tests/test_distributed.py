@@ -40,21 +40,26 @@ def test_tensor_parallel_2_matches_one_rank(tiny_model, arch):
     assert generate(model, tensor_parallel_size=2) == one_rank_tokens(model)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
-def test_tensor_parallel_4_matches_one_rank(tiny_model, arch):
-    model = tiny_model(arch, num_key_value_heads=4)
-    assert generate(model, tensor_parallel_size=4) == one_rank_tokens(model)
-
-
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "mixtral"])
+@pytest.mark.parametrize("arch", SUPPORTED_TINY_ARCHS)
 def test_pipeline_parallel_2_matches_one_rank(tiny_model, arch):
     model = tiny_model(arch)
     assert generate(model, pipeline_parallel_size=2) == one_rank_tokens(model)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+# The tiny models have 2 KV heads; these get 4 (and 4 layers for two stages of two).
+# One dense model with separate projections, one with fused ones, one MoE.
+WIDER = ["llama", "phi3", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("arch", WIDER)
+def test_tensor_parallel_4_matches_one_rank(tiny_model, arch):
+    model = tiny_model(arch, num_key_value_heads=4, num_hidden_layers=4)
+    assert generate(model, tensor_parallel_size=4) == one_rank_tokens(model)
+
+
+@pytest.mark.parametrize("arch", WIDER)
 def test_tensor_2_by_pipeline_2_matches_one_rank(tiny_model, arch):
-    model = tiny_model(arch, num_hidden_layers=4)
+    model = tiny_model(arch, num_key_value_heads=4, num_hidden_layers=4)
     assert generate(model, tensor_parallel_size=2, pipeline_parallel_size=2) == one_rank_tokens(model)
 
 
