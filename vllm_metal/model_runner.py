@@ -14,12 +14,10 @@ stages learn the sampled tokens from the scheduler's next output. Every rank
 checks that it runs the batch its stage's rank 0 runs (``batch_fingerprint``).
 """
 
-import dataclasses
 import hashlib
-
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 import numpy as np
@@ -609,9 +607,8 @@ def _first_position_masks(scheduler_output, grammar_output):
     for req_id in grammar_output.structured_output_request_ids:
         rows.append(row)
         row += 1 + len(spec.get(req_id, ()))
-    return (dataclasses.replace(scheduler_output, scheduled_spec_decode_tokens={}),
-            dataclasses.replace(grammar_output,
-                                grammar_bitmask=grammar_output.grammar_bitmask[rows]))
+    return (replace(scheduler_output, scheduled_spec_decode_tokens={}),
+            replace(grammar_output, grammar_bitmask=grammar_output.grammar_bitmask[rows]))
 
 
 def batch_fingerprint(batch: InputBatch, scheduler_output) -> int:
