@@ -14,6 +14,7 @@ import requests
 
 from conftest import free_port, start_llm, stop_llm
 from vllm_metal.testing.netns import SimulatedHosts, can_simulate_hosts
+from vllm_metal.testing.server import wait_until_healthy
 
 pytestmark = pytest.mark.skipif(can_simulate_hosts() is not None,
                                 reason=f"cannot simulate hosts: {can_simulate_hosts()}")
@@ -60,17 +61,8 @@ class Launch:
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"launcher exited early:\n{self.output()[-4000:]}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise AssertionError(f"server not healthy in time:\n{self.output()[-4000:]}")
+        wait_until_healthy(self.url, self.process, 300, lambda: self.output()[-4000:])
+        return self
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

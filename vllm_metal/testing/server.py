@@ -19,6 +19,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float, log_tail) -> None:
+    """Until ``url``/health answers 200; an early exit or the timeout raises with the log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {log_tail()}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"server not healthy after {timeout} s: {log_tail()}")
+
+
 class Server:
     def __init__(self, args: list[str], env: dict | None = None, log_path: Path | None = None,
                  command: list[str] | None = None, cwd: Path | None = None):
@@ -40,18 +55,12 @@ class Server:
         self.process = subprocess.Popen(self.command, env=self.env, stdout=self.log,
                                         stderr=subprocess.STDOUT, start_new_session=True,
                                         cwd=self.cwd)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}: {self.tail()}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"server not healthy after {timeout} s: {self.tail()}")
+        try:
+            wait_until_healthy(self.url, self.process, timeout, self.tail)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
 
     def tail(self, chars: int = 4000) -> str:
         if not self.log_path or not Path(self.log_path).exists():
