@@ -53,17 +53,21 @@ def _choice(name: str, choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
-def _fraction(name: str) -> Callable[[str], float]:
+def _number(name: str, allowed: Callable[[float], bool], hint: str) -> Callable[[str], float]:
     def parse(raw: str) -> float:
         try:
             value = float(raw)
         except ValueError:
-            value = -1.0
-        if not 0.0 < value <= 1.0:
-            raise SettingError(f"{name}={raw!r}: use a number in (0, 1], e.g. 0.7")
+            value = float("nan")
+        if not allowed(value):
+            raise SettingError(f"{name}={raw!r}: use {hint}")
         return value
 
     return parse
+
+
+def _fraction(name: str) -> Callable[[str], float]:
+    return _number(name, lambda v: 0.0 < v <= 1.0, "a number in (0, 1], e.g. 0.7")
 
 
 def _block_size(name: str) -> Callable[[str], int]:
@@ -76,16 +80,7 @@ def _block_size(name: str) -> Callable[[str], int]:
 
 
 def _seconds(name: str) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = -1.0
-        if value <= 0:
-            raise SettingError(f"{name}={raw!r}: use a positive number of seconds")
-        return value
-
-    return parse
+    return _number(name, lambda v: v > 0, "a positive number of seconds")
 
 
 def _text(name: str) -> Callable[[str], str]:
