@@ -125,3 +125,17 @@ def test_distributed_contact():
     from vllm.entrypoints.cli.serve import run_headless  # the launcher's --headless hosts
 
     assert callable(run_headless)
+
+
+def test_launcher_command_line():
+    """The launcher runs `python -m vllm.entrypoints.cli.main serve ...` on every host
+    with vLLM's multi-node options."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", "--help=all"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for option in ("--nnodes", "--node-rank", "--master-addr", "--master-port", "--headless",
+                   "--tensor-parallel-size", "--pipeline-parallel-size"):
+        assert option in done.stdout, option
