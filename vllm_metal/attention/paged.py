@@ -125,9 +125,11 @@ class LayerCache:
         c.values[i][plan.write_slots] = values.transpose(0, 2, 1, 3).reshape(
             B * L, H, values.shape[-1]
         )
+        # Contiguous [B, H, S, D]: MLX's CPU attention reads a transposed gather
+        # about 3x slower than copying it first (measured at 0.6B decode shapes).
         return (
-            c.keys[i][plan.read_slots].transpose(0, 2, 1, 3),
-            c.values[i][plan.read_slots].transpose(0, 2, 1, 3),
+            mx.contiguous(c.keys[i][plan.read_slots].transpose(0, 2, 1, 3)),
+            mx.contiguous(c.values[i][plan.read_slots].transpose(0, 2, 1, 3)),
         )
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
