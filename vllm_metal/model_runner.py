@@ -197,7 +197,7 @@ class MetalModelRunner:
         """One single-token forward into the null block (block 0, never handed to
         requests), so the first request does not pay for MLX's first-call setup."""
         plan = BatchPlan.build(np.zeros((1, 1), np.int32), [0], [1], self.block_size,
-                               self.kv_cache.scratch_slot)
+                               self.num_kv_heads)
         hidden = self.model.hidden_states(mx.zeros((1, 1), mx.int32),
                                           self.kv_cache.layer_views(plan))
         self._evaluate(self._stage_result(hidden[:, -1]))
@@ -377,7 +377,7 @@ class MetalModelRunner:
             tokens[i, : qlens[i]] = batch.token_ids_cpu[row, start : start + qlens[i]]
         block_table = batch.block_table[0].get_numpy_array()[rows]
         plan = BatchPlan.build(block_table, group.starts, qlens, self.block_size,
-                               self.kv_cache.scratch_slot, self.grouped_mask, self.default_window)
+                               self.num_kv_heads, self.grouped_mask, self.default_window)
         hidden = self.model.hidden_states(mx.array(tokens), self.kv_cache.layer_views(plan))
         if not self.is_last_stage:
             return self.handoff.take_pending()
