@@ -1,5 +1,6 @@
-"""Offline workloads: single-stream decode and batch throughput, one worker
-process per engine, model and dtype."""
+"""Offline workloads: single-stream decode, batch throughput and (mlx-lm only)
+the serving workload's MLX forward ceiling; one worker process per engine,
+model and dtype."""
 
 import time
 from dataclasses import dataclass, field
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from benchmarks import overhead
 from benchmarks.contention import ForeignCpu, share_of_machine
-from benchmarks.engines import PLUGIN, Engine
+from benchmarks.engines import MLX_LM, PLUGIN, Engine
 from benchmarks.procs import WorkerFailed, engine_env, run_worker
 from benchmarks.prompts import batch_prompts, random_prompt
 from benchmarks.scales import Scale
@@ -34,6 +35,8 @@ def plan(scale: Scale, engines: tuple[Engine, ...]) -> list[WorkerRun]:
             add(engine, scale.single_model, dtype, {"kind": "single"})
     for engine in engines:
         add(engine, scale.concurrency_model, scale.concurrency_dtype, {"kind": "batch"})
+    if MLX_LM in engines:
+        add(MLX_LM, scale.concurrency_model, scale.concurrency_dtype, {"kind": "forward"})
     return list(runs.values())
 
 
@@ -41,6 +44,9 @@ def with_prompts(workload: dict, scale: Scale, vocab_size: int) -> dict:
     if workload["kind"] == "single":
         prompt = random_prompt(scale.single_prompt_len, vocab_size, seed=1)
         return {**workload, "prompt": prompt, "max_tokens": scale.single_new_tokens}
+    if workload["kind"] == "forward":
+        return {**workload, "prompt_len": scale.serve_prompt_len, "output_len": scale.serve_output_len,
+                "concurrencies": list(scale.serve_concurrencies), "vocab_size": vocab_size}
     shortest, longest = scale.batch_prompt_range
     prompts = batch_prompts(scale.batch_requests, shortest, longest, vocab_size)
     return {**workload, "prompts": prompts, "max_tokens": scale.batch_new_tokens}

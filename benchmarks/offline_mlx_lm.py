@@ -70,3 +70,45 @@ def batch_throughput(model, prompts: list[list[int]], max_tokens: int) -> dict:
     generated = run_batch(model, prompts, max_tokens)
     elapsed = time.perf_counter() - start
     return batch_record(prompts, generated, elapsed)
+
+
+def _median_seconds(run, repeats: int = 3) -> float:
+    run()  # warm-up: MLX's first-call costs
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def forward_ceiling(model, prompt_len: int, output_len: int, concurrencies: list[int],
+                    vocab_size: int) -> dict:
+    """The serving workload's ceiling set by the MLX forward alone: mlx-lm's model on
+    its own dense caches, no scheduling, sampling or HTTP. A request needs one
+    prefill of ``prompt_len`` tokens and ``output_len - 1`` decode steps shared by
+    ``c`` requests, so c requests take c * prefill + (output_len - 1) * step(c)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    def tokens(batch, length):
+        return mx.random.randint(0, vocab_size, (batch, length)).astype(mx.int32)
+
+    def prefill(batch):
+        cache = make_prompt_cache(model)
+        mx.eval(model(tokens(batch, prompt_len), cache=cache))
+
+    prefill_rates = {b: b * prompt_len / _median_seconds(lambda b=b: prefill(b))
+                     for b in sorted({1, min(4, max(concurrencies))})}
+    best_batch = max(prefill_rates, key=prefill_rates.get)
+    prefill_s = prompt_len / prefill_rates[best_batch]
+
+    steps_ms, ceilings = {}, {}
+    context = prompt_len + output_len // 2
+    for c in concurrencies:
+        cache = make_prompt_cache(model)
+        mx.eval(model(tokens(c, context), cache=cache))
+        step_s = _median_seconds(lambda c=c, cache=cache: mx.eval(model(tokens(c, 1), cache=cache)))
+        steps_ms[str(c)] = 1e3 * step_s
+        ceilings[str(c)] = c * output_len / (c * prefill_s + (output_len - 1) * step_s)
+    return {"prefill_tok_s": prefill_rates[best_batch], "prefill_batch": best_batch,
+            "decode_context": context, "decode_step_ms": steps_ms, "ceiling_tok_s": ceilings}

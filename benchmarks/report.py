@@ -103,10 +103,36 @@ def batch_section(results: dict, scale) -> list[str]:
     return [title, "", apis, ""] + table(header, body)
 
 
+def forward_ceiling(results: dict) -> dict | None:
+    return next((r for r in results["offline"] if r["kind"] == "forward" and ok(r)), None)
+
+
+def ceiling_share(row: dict, ceiling: dict | None) -> str:
+    limit = ceiling and ceiling["ceiling_tok_s"].get(str(row["concurrency"]))
+    return f"{100 * row['output_tok_s'] / limit:.0f}%" if limit else "n/a"
+
+
+def ceiling_section(results: dict, scale) -> list[str]:
+    ceiling = forward_ceiling(results)
+    if ceiling is None:
+        return []
+    steps = ceiling["decode_step_ms"]
+    body = [[str(c), fmt(steps[str(c)], 1), fmt(ceiling["ceiling_tok_s"][str(c)])]
+            for c in scale.serve_concurrencies]
+    note = (f"mlx-lm's model forward alone on its dense caches, measured in this run: prefill "
+            f"{ceiling['prefill_tok_s']:.0f} tok/s (best of batch 1 and {ceiling['prefill_batch']}), "
+            f"decode steps at context {ceiling['decode_context']}. c requests need c prefills of "
+            f"{scale.serve_prompt_len} tokens and {scale.serve_output_len - 1} decode steps of batch c: "
+            "no engine can serve this workload faster with these MLX kernels.")
+    return (["## MLX forward ceiling for the serving workload", "", note, ""]
+            + table(["concurrency", "decode step ms", "ceiling output tok/s"], body))
+
+
 def serving_section(results: dict, scale) -> list[str]:
     rows = [r for r in results["serving"] if r["kind"] == "serving"]
-    header = ["server", "concurrency", "output tok/s", "vs mlx_lm.server", "TTFT p50 ms", "TTFT p99 ms",
-              "ITL p50 ms", "ITL p99 ms", "other CPU"]
+    ceiling = forward_ceiling(results)
+    header = ["server", "concurrency", "output tok/s", "vs mlx_lm.server", "% of MLX ceiling",
+              "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "other CPU"]
     body = []
     for row in sorted(rows, key=lambda r: (r["concurrency"], r["engine"])):
         if not ok(row):
@@ -115,7 +141,8 @@ def serving_section(results: dict, scale) -> list[str]:
         mlx = next((r for r in rows if r["engine"] == "mlx_lm.server"
                     and r["concurrency"] == row["concurrency"] and ok(r)), None)
         body.append([row["engine"], str(row["concurrency"]), fmt(row["output_tok_s"]),
-                     ratio(row["output_tok_s"], mlx and mlx["output_tok_s"]), fmt(row["ttft_p50_ms"], 0),
+                     ratio(row["output_tok_s"], mlx and mlx["output_tok_s"]),
+                     ceiling_share(row, ceiling), fmt(row["ttft_p50_ms"], 0),
                      fmt(row["ttft_p99_ms"], 0), fmt(row["itl_p50_ms"], 1), fmt(row["itl_p99_ms"], 1),
                      other(row)])
     title = (f"## Online serving: `vllm bench serve`, random {scale.serve_prompt_len} tokens in, "
@@ -158,7 +185,8 @@ def markdown(results: dict, scale, targets: list[Target]) -> str:
         "",
     ]
     sections = [targets_section(targets), single_section(results, scale), overhead_section(results),
-                batch_section(results, scale), serving_section(results, scale),
+                batch_section(results, scale), ceiling_section(results, scale),
+                serving_section(results, scale),
                 prefix_section(results, scale)]
     return "\n".join(head + [line for s in sections for line in s + [""]])
 
@@ -176,6 +204,11 @@ def plot(results: dict, scale, path: Path) -> None:
         xs = [c for c, _ in points]
         left.plot(xs, [r["output_tok_s"] for _, r in points], marker="o", label=engine)
         right.plot(xs, [r["itl_p99_ms"] for _, r in points], marker="o", label=engine)
+    ceiling = forward_ceiling(results)
+    if ceiling:
+        xs = list(scale.serve_concurrencies)
+        left.plot(xs, [ceiling["ceiling_tok_s"][str(c)] for c in xs], linestyle="--", color="gray",
+                  label="MLX forward ceiling")
     for axis, label in ((left, "output tokens/s"), (right, "ITL p99 (ms)")):
         axis.set_xscale("log", base=2)
         axis.set_xticks(list(scale.serve_concurrencies), [str(c) for c in scale.serve_concurrencies])

@@ -5,8 +5,9 @@ threads or a BLAS), driven by ``benchmarks.run``:
 
 SPEC: {"engine": "vllm" | "mlx-lm", "model", "dtype", "kv_cache_bytes",
 "max_model_len", "max_num_seqs", "enforce_eager", "workloads": [...]}, each
-workload {"kind": "single", "prompt", "max_tokens"} or {"kind": "batch",
-"prompts", "max_tokens"}. RESULT: {"startup_s", "results": [one dict per workload]}.
+workload {"kind": "single", "prompt", "max_tokens"}, {"kind": "batch",
+"prompts", "max_tokens"} or (mlx-lm only) {"kind": "forward", "prompt_len",
+"output_len", "concurrencies", "vocab_size"}. RESULT: {"startup_s", "results": [one dict per workload]}.
 For "vllm", VLLM_METAL_USE_MLX in the environment picks the plugin or vLLM's CPU backend.
 """
 
@@ -47,6 +48,10 @@ def run_mlx_lm(spec: dict) -> dict:
         if workload["kind"] == "single":
             results.append(offline_mlx_lm.single_stream(
                 model, tokenizer, workload["prompt"], workload["max_tokens"]))
+        elif workload["kind"] == "forward":
+            results.append(offline_mlx_lm.forward_ceiling(
+                model, workload["prompt_len"], workload["output_len"], workload["concurrencies"],
+                workload["vocab_size"]))
         else:
             results.append(offline_mlx_lm.batch_throughput(
                 model, workload["prompts"], workload["max_tokens"]))
