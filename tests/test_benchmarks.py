@@ -54,6 +54,8 @@ def assert_outputs(out: Path, scale: str) -> dict:
         for row in rows:
             assert all(is_number(cell) for cell in row[1:]), row
 
+    ceiling = table_rows(markdown, "MLX forward ceiling")
+    assert ceiling and all(is_number(cell) and float(cell) > 0 for row in ceiling for cell in row), ceiling
     assert all(is_number(r[1]) for r in table_rows(markdown, "Offline batch") if r[0] != "vllm-cpu")
     assert table_rows(markdown, "Targets"), "no targets table"
 
