@@ -20,19 +20,26 @@ class WorkerRun:
     model: str  # name in benchmarks.models
     dtype: str
     workloads: list[dict] = field(default_factory=list)
+    round: int = 1
 
 
 def plan(scale: Scale, engines: tuple[Engine, ...]) -> list[WorkerRun]:
-    """Single-stream runs first, then batch; runs sharing engine, model and dtype merge."""
+    """Single-stream runs first, then batch; runs sharing engine, model, dtype and
+    round merge. vllm-metal and mlx-lm decode a single stream twice, in the order
+    A B B A, so that this shared machine's drift over minutes falls on both alike."""
     runs: dict[tuple, WorkerRun] = {}
 
-    def add(engine, model, dtype, workload):
-        key = (engine.key, model, dtype)
-        runs.setdefault(key, WorkerRun(engine, model, dtype)).workloads.append(workload)
+    def add(engine, model, dtype, workload, round=1):
+        key = (engine.key, model, dtype, round)
+        runs.setdefault(key, WorkerRun(engine, model, dtype, round=round)).workloads.append(
+            {**workload, "round": round})
 
+    compared = [e for e in engines if e in (PLUGIN, MLX_LM)]
     for dtype in scale.single_dtypes:
         for engine in engines:
             add(engine, scale.single_model, dtype, {"kind": "single"})
+        for engine in reversed(compared):
+            add(engine, scale.single_model, dtype, {"kind": "single"}, round=2)
     for engine in engines:
         add(engine, scale.concurrency_model, scale.concurrency_dtype, {"kind": "batch"})
     if MLX_LM in engines:
@@ -67,7 +74,8 @@ def worker_spec(run: WorkerRun, scale: Scale, model_dir: Path, vocab_size: int) 
 
 def execute(run: WorkerRun, scale: Scale, model_dir: Path, vocab_size: int, logs: Path) -> list[dict]:
     """Rows for each workload of ``run``; a failed worker gives rows with a status, not an exception."""
-    log = logs / f"{run.engine.key}-{run.model}-{run.dtype}.log"
+    suffix = "" if run.round == 1 else f"-round{run.round}"
+    log = logs / f"{run.engine.key}-{run.model}-{run.dtype}{suffix}.log"
     base = {"engine": run.engine.key, "model": run.model, "dtype": run.dtype, "log": str(log)}
     env = engine_env(run.engine.use_mlx, VLLM_METAL_DEBUG="1" if run.engine is PLUGIN else "0")
     started = time.perf_counter()
@@ -78,7 +86,8 @@ def execute(run: WorkerRun, scale: Scale, model_dir: Path, vocab_size: int, logs
         return [{**base, "kind": w["kind"], "status": f"failed: {error}"} for w in run.workloads]
     rows = []
     for workload, metrics in zip(run.workloads, result["results"]):
-        row = {**base, "kind": workload["kind"], "status": "ok", "startup_s": result["startup_s"],
+        row = {**base, "kind": workload["kind"], "round": run.round, "status": "ok",
+               "startup_s": result["startup_s"],
                "other_cpu": share_of_machine(foreign.seconds, time.perf_counter() - started), **metrics}
         if run.engine is PLUGIN and workload["kind"] == "single":
             row["step"] = overhead.step_breakdown(log, metrics["itl_p50_ms"],
@@ -94,3 +103,24 @@ def unavailable_rows(engine: Engine, scale: Scale, reason: str) -> list[dict]:
             rows.append({"engine": engine.key, "model": run.model, "dtype": run.dtype,
                          "kind": workload["kind"], "status": reason})
     return rows
+
+
+def combine_rounds(rows: list[dict]) -> list[dict]:
+    """One single-stream row per engine and dtype, with the mean of its rounds'
+    decode rate, TTFT and ITL (each round's rate kept in ``round_decode_tok_s``)."""
+    combined, first = [], {}
+    for row in rows:
+        key = (row["engine"], row["dtype"])
+        if row["kind"] != "single" or not str(row["status"]).startswith("ok"):
+            combined.append(row)
+        elif key in first:
+            first[key]["rounds"].append(row)
+        else:
+            first[key] = {**row, "rounds": [row]}
+            combined.append(first[key])
+    for row in first.values():
+        rounds = row.pop("rounds")
+        for metric in ("decode_tok_s", "ttft_s", "itl_p50_ms", "itl_mean_ms"):
+            row[metric] = sum(r[metric] for r in rounds) / len(rounds)
+        row["round_decode_tok_s"] = [r["decode_tok_s"] for r in rounds]
+    return combined

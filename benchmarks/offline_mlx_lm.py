@@ -7,6 +7,7 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_map
 
+from benchmarks.bandwidth import best_seconds
 from benchmarks.offline_vllm import WARMUP_TOKENS, batch_record, stream_metrics
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -72,16 +73,6 @@ def batch_throughput(model, prompts: list[list[int]], max_tokens: int) -> dict:
     return batch_record(prompts, generated, elapsed)
 
 
-def _median_seconds(run, repeats: int = 3) -> float:
-    run()  # warm-up: MLX's first-call costs
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def forward_ceiling(model, prompt_len: int, output_len: int, concurrencies: list[int],
                     vocab_size: int) -> dict:
     """The serving workload's ceiling set by the MLX forward alone: mlx-lm's model on
@@ -97,7 +88,7 @@ def forward_ceiling(model, prompt_len: int, output_len: int, concurrencies: list
         cache = make_prompt_cache(model)
         mx.eval(model(tokens(batch, prompt_len), cache=cache))
 
-    prefill_rates = {b: b * prompt_len / _median_seconds(lambda b=b: prefill(b))
+    prefill_rates = {b: b * prompt_len / best_seconds(lambda b=b: prefill(b), 5)
                      for b in sorted({1, min(4, max(concurrencies))})}
     best_batch = max(prefill_rates, key=prefill_rates.get)
     prefill_s = prompt_len / prefill_rates[best_batch]
@@ -107,7 +98,8 @@ def forward_ceiling(model, prompt_len: int, output_len: int, concurrencies: list
     for c in concurrencies:
         cache = make_prompt_cache(model)
         mx.eval(model(tokens(c, context), cache=cache))
-        step_s = _median_seconds(lambda c=c, cache=cache: mx.eval(model(tokens(c, 1), cache=cache)))
+        step_s = best_seconds(
+            lambda c=c, cache=cache: mx.eval(model(tokens(c, 1), cache=cache)), 5)
         steps_ms[str(c)] = 1e3 * step_s
         ceilings[str(c)] = c * output_len / (c * prefill_s + (output_len - 1) * step_s)
     return {"prefill_tok_s": prefill_rates[best_batch], "prefill_batch": best_batch,

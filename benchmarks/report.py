@@ -46,13 +46,13 @@ def single_section(results: dict, scale) -> list[str]:
     rows = [r for r in results["offline"] if r["kind"] == "single"]
     ceilings = results["ceilings"]
     header = ["engine", "dtype", "decode tok/s", "vs mlx-lm", "% of bandwidth limit",
-              "TTFT s", "ITL p50 ms", "startup s", "other CPU"]
+              "TTFT s", "ITL p50 ms", "startup s", "other CPU", "decode tok/s by round"]
     body = []
     for dtype in scale.single_dtypes:
         mlx = next((r for r in rows if r["engine"] == "mlx-lm" and r["dtype"] == dtype and ok(r)), None)
         ceiling = ceilings[dtype]["ceiling_tok_s"]
         body.append(["bandwidth limit", dtype, fmt(ceiling), ratio(ceiling, mlx and mlx["decode_tok_s"]),
-                     "100%", "", "", "", ""])
+                     "100%", "", "", "", "", ""])
         for row in (r for r in rows if r["dtype"] == dtype):
             if not ok(row):
                 body.append([row["engine"], dtype] + status_cells(row, len(header) - 2))
@@ -60,13 +60,15 @@ def single_section(results: dict, scale) -> list[str]:
             body.append([row["engine"], dtype, fmt(row["decode_tok_s"]),
                          ratio(row["decode_tok_s"], mlx and mlx["decode_tok_s"]),
                          f"{100 * row['decode_tok_s'] / ceiling:.0f}%", fmt(row["ttft_s"]),
-                         fmt(row["itl_p50_ms"], 1), fmt(row["startup_s"], 1), other(row)])
+                         fmt(row["itl_p50_ms"], 1), fmt(row["startup_s"], 1), other(row),
+                         " / ".join(fmt(v) for v in row.get("round_decode_tok_s", []))])
     c = ceilings[scale.single_dtypes[0]]
     title = (f"## Single-stream decode: {scale.single_model}, prompt {scale.single_prompt_len}, "
              f"{scale.single_new_tokens} new tokens, greedy, ignore_eos")
     note = (f"Bandwidth limit = {results['bandwidth']['bandwidth_gb_s']:.1f} GB/s / bytes read per step "
             f"({c['weight_bytes'] / 1e9:.2f} GB of weights at {scale.single_dtypes[0]} + mean KV); "
-            "decode tok/s excludes the first token (prefill).")
+            "decode tok/s excludes the first token (prefill); for vllm-metal and mlx-lm it is the mean "
+            "of two rounds run in the order vllm-metal, mlx-lm, mlx-lm, vllm-metal.")
     return [title, "", note, ""] + table(header, body)
 
 
@@ -119,7 +121,8 @@ def ceiling_section(results: dict, scale) -> list[str]:
     steps = ceiling["decode_step_ms"]
     body = [[str(c), fmt(steps[str(c)], 1), fmt(ceiling["ceiling_tok_s"][str(c)])]
             for c in scale.serve_concurrencies]
-    note = (f"mlx-lm's model forward alone on its dense caches, measured in this run: prefill "
+    note = (f"mlx-lm's model forward alone on its dense caches, the best of 5 timings each, measured "
+            f"in this run: prefill "
             f"{ceiling['prefill_tok_s']:.0f} tok/s (best of batch 1 and {ceiling['prefill_batch']}), "
             f"decode steps at context {ceiling['decode_context']}. c requests need c prefills of "
             f"{scale.serve_prompt_len} tokens and {scale.serve_output_len - 1} decode steps of batch c: "

@@ -62,7 +62,7 @@ def run_offline(scale, model_dirs, vocab, logs) -> list[dict]:
         rows += offline.execute(run, scale, model_dirs[run.model], vocab[run.model], logs)
         for row in rows[-len(run.workloads):]:
             log(f"  {row['kind']}: {row['status'][:200]}")
-    return rows
+    return offline.combine_rounds(rows)
 
 
 def run_serving(scale, model_dirs, logs) -> list[dict]:

@@ -51,6 +51,9 @@ def concurrency(serving: list[dict], concurrencies, ceiling: dict | None) -> lis
     if single:
         limit = 2 * single["itl_p50_ms"]
         measured = f"{ours['itl_p99_ms']:.0f} ms vs limit {limit:.0f} ms (2 x {single['itl_p50_ms']:.0f})"
+        step = ceiling and ceiling["decode_step_ms"].get(str(top))
+        if step:
+            measured += f"; the MLX forward's batch-{top} decode step alone takes {step:.0f} ms"
         targets.append(Target(name, measured, ours["itl_p99_ms"] <= limit))
     else:
         targets.append(Target(name, "not measured", None))
