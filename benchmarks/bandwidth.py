@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-SAFETENSORS_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1}
+SAFETENSORS_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "U32": 4, "U8": 1}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -61,25 +61,29 @@ def measure(buffer_bytes: int = 1 << 30, repeats: int = 7) -> dict:
     return {**rates, "bandwidth_gb_s": max(rates.values()), "buffer_bytes": nbytes}
 
 
-def _tensor_numels(model_dir: Path) -> dict[str, int]:
-    numels = {}
+def _tensors(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """name -> (elements, bytes per element as stored)."""
+    tensors = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(header_len))
         for name, info in header.items():
             if name != "__metadata__":
-                numels[name] = int(np.prod(info["shape"], dtype=np.int64))
-    return numels
+                tensors[name] = (int(np.prod(info["shape"], dtype=np.int64)),
+                                 SAFETENSORS_ITEMSIZE[info["dtype"]])
+    return tensors
 
 
-def weight_bytes_per_step(model_dir: Path, dtype: str) -> int:
-    """Weights one decode step reads, at ``dtype``: all of them, except an untied
-    input embedding (a lookup reads one row; a tied one is read as the LM head)."""
-    numels = _tensor_numels(model_dir)
-    untied = any(name.endswith("lm_head.weight") for name in numels)
-    read = sum(n for name, n in numels.items() if not (untied and "embed_tokens" in name))
-    return read * DTYPE_BYTES[dtype]
+def weight_bytes_per_step(model_dir: Path, dtype: str | None) -> int:
+    """Weights one decode step reads, at ``dtype`` (None: as stored, e.g. packed
+    4-bit): all of them, except an untied input embedding (a lookup reads one
+    row; a tied one is read as the LM head)."""
+    tensors = _tensors(model_dir)
+    untied = any(name.startswith("lm_head.") for name in tensors)
+    return sum(n * (DTYPE_BYTES[dtype] if dtype else itemsize)
+               for name, (n, itemsize) in tensors.items()
+               if not (untied and "embed_tokens" in name))
 
 
 def kv_bytes_per_step(model_dir: Path, dtype: str, context_tokens: float) -> float:
@@ -91,10 +95,10 @@ def kv_bytes_per_step(model_dir: Path, dtype: str, context_tokens: float) -> flo
 
 
 def decode_ceiling(model_dir: Path, dtype: str, prompt_len: int, new_tokens: int,
-                   bandwidth_gb_s: float) -> dict:
+                   bandwidth_gb_s: float, weights_as_stored: bool = False) -> dict:
     """Tokens/s one stream could reach if each step only had to read its bytes."""
     mean_context = prompt_len + new_tokens / 2
-    weights = weight_bytes_per_step(model_dir, dtype)
+    weights = weight_bytes_per_step(model_dir, None if weights_as_stored else dtype)
     kv = kv_bytes_per_step(model_dir, dtype, mean_context)
     return {
         "weight_bytes": weights,

@@ -13,9 +13,14 @@ class Engine:
     label: str
     worker: str  # which runner in benchmarks.worker
     use_mlx: bool  # VLLM_METAL_USE_MLX for the process
+    env: tuple[tuple[str, str], ...] = ()  # more environment for its processes
 
 
 PLUGIN = Engine("vllm-metal", "vllm-metal (vLLM + MLX)", "vllm", True)
+# The plugin on MLX's quantized kernels, as mlx-lm runs them (on the CPU device it
+# dequantizes at load by default, where those kernels are slow).
+PLUGIN_QUANTIZED = Engine("vllm-metal-4bit-kernels", "vllm-metal, 4-bit kernels", "vllm", True,
+                          (("VLLM_METAL_DEQUANTIZE", "0"),))
 MLX_LM = Engine("mlx-lm", "mlx-lm", "mlx-lm", True)
 VLLM_CPU = Engine("vllm-cpu", "vLLM CPU backend", "vllm", False)
 OFFLINE_ENGINES = (PLUGIN, MLX_LM, VLLM_CPU)

@@ -6,6 +6,8 @@
   dequantized to a plain float32 Hugging Face folder, so that every engine
   (the plugin, mlx-lm, vLLM's CPU backend) loads the very same weights.
 - ``tiny-qwen3``: a 2-layer, 64-wide random Qwen3 for the smoke run.
+- ``<name>-4bit``: any of them quantized to MLX 4-bit by ``mlx_lm.convert``
+  (group 64, float32 scales: MLX's CPU kernels are far slower with bfloat16 ones).
 
 MLX is only imported in a child process (``python -m benchmarks.models``).
 """
@@ -58,7 +60,19 @@ def smollm2_f32() -> Path:
 PREPARERS = {"qwen3-0.6b": qwen3_0_6b, "smollm2-135m": smollm2_f32, "tiny-qwen3": tiny_qwen3}
 
 
+def quantized_4bit(name: str) -> Path:
+    path = MODELS_DIR / name
+    if not _ready(path):
+        base = prepare(name.removesuffix("-4bit"))
+        shutil.rmtree(path, ignore_errors=True)  # mlx_lm.convert refuses an existing folder
+        subprocess.run([sys.executable, "-m", "benchmarks.models", "quantize", str(base), str(path)],
+                       check=True, cwd=REPO)
+    return path
+
+
 def prepare(name: str) -> Path:
+    if name.endswith("-4bit"):
+        return quantized_4bit(name)
     return PREPARERS[name]()
 
 
@@ -88,5 +102,10 @@ def _write_smollm2_f32(out: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["smollm2"]:
         _write_smollm2_f32(Path(sys.argv[2]))
+    elif sys.argv[1:2] == ["quantize"]:
+        from mlx_lm import convert
+
+        convert(sys.argv[2], mlx_path=sys.argv[3], quantize=True, q_bits=4, q_group_size=64,
+                dtype="float32")
     else:
         print(prepare(sys.argv[1]))

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from benchmarks import overhead
 from benchmarks.contention import ForeignCpu, share_of_machine
-from benchmarks.engines import MLX_LM, PLUGIN, Engine
+from benchmarks.engines import MLX_LM, PLUGIN, PLUGIN_QUANTIZED, Engine
 from benchmarks.procs import WorkerFailed, engine_env, run_worker
 from benchmarks.prompts import batch_prompts, random_prompt
-from benchmarks.scales import Scale
+from benchmarks.scales import QUANTIZED, Scale, single_run
 
 
 @dataclass
@@ -25,8 +25,9 @@ class WorkerRun:
 
 def plan(scale: Scale, engines: tuple[Engine, ...]) -> list[WorkerRun]:
     """Single-stream runs first, then batch; runs sharing engine, model, dtype and
-    round merge. vllm-metal and mlx-lm decode a single stream twice, in the order
-    A B B A, so that this shared machine's drift over minutes falls on both alike."""
+    round merge. The plugin and mlx-lm decode a single stream twice, in the order
+    A B B A (on the 4-bit model: the plugin on quantized kernels), so that this
+    shared machine's drift over minutes falls on both alike."""
     runs: dict[tuple, WorkerRun] = {}
 
     def add(engine, model, dtype, workload, round=1):
@@ -34,17 +35,28 @@ def plan(scale: Scale, engines: tuple[Engine, ...]) -> list[WorkerRun]:
         runs.setdefault(key, WorkerRun(engine, model, dtype, round=round)).workloads.append(
             {**workload, "round": round})
 
-    compared = [e for e in engines if e in (PLUGIN, MLX_LM)]
-    for dtype in scale.single_dtypes:
-        for engine in engines:
-            add(engine, scale.single_model, dtype, {"kind": "single"})
-        for engine in reversed(compared):
-            add(engine, scale.single_model, dtype, {"kind": "single"}, round=2)
+    for variant in scale.single_dtypes:
+        model, _ = single_run(scale, variant)
+        runs_here = single_engines(engines, variant)
+        for engine in runs_here:
+            add(engine, model, variant, {"kind": "single"})
+        compared = (PLUGIN_QUANTIZED if variant == QUANTIZED else PLUGIN, MLX_LM)
+        for engine in reversed([e for e in runs_here if e in compared]):
+            add(engine, model, variant, {"kind": "single"}, round=2)
     for engine in engines:
         add(engine, scale.concurrency_model, scale.concurrency_dtype, {"kind": "batch"})
     if MLX_LM in engines:
         add(MLX_LM, scale.concurrency_model, scale.concurrency_dtype, {"kind": "forward"})
     return list(runs.values())
+
+
+def single_engines(engines: tuple[Engine, ...], variant: str) -> list[Engine]:
+    """The 4-bit checkpoint: the plugin as it loads it by default, the plugin on
+    MLX's quantized kernels, and mlx-lm (vLLM's CPU backend reads no MLX format)."""
+    if variant != QUANTIZED:
+        return list(engines)
+    plugin = [PLUGIN, PLUGIN_QUANTIZED] if PLUGIN in engines else []
+    return plugin + [e for e in engines if e is MLX_LM]
 
 
 def with_prompts(workload: dict, scale: Scale, vocab_size: int) -> dict:
@@ -63,7 +75,7 @@ def worker_spec(run: WorkerRun, scale: Scale, model_dir: Path, vocab_size: int) 
     return {
         "engine": run.engine.worker,
         "model": str(model_dir),
-        "dtype": run.dtype,
+        "dtype": "float32" if run.dtype == QUANTIZED else run.dtype,
         "kv_cache_bytes": scale.kv_cache_bytes,
         "max_model_len": scale.max_model_len,
         "max_num_seqs": max(scale.batch_requests, 1),
@@ -77,7 +89,8 @@ def execute(run: WorkerRun, scale: Scale, model_dir: Path, vocab_size: int, logs
     suffix = "" if run.round == 1 else f"-round{run.round}"
     log = logs / f"{run.engine.key}-{run.model}-{run.dtype}{suffix}.log"
     base = {"engine": run.engine.key, "model": run.model, "dtype": run.dtype, "log": str(log)}
-    env = engine_env(run.engine.use_mlx, VLLM_METAL_DEBUG="1" if run.engine is PLUGIN else "0")
+    env = engine_env(run.engine.use_mlx, VLLM_METAL_DEBUG="1" if run.engine is PLUGIN else "0",
+                     **dict(run.engine.env))
     started = time.perf_counter()
     try:
         with ForeignCpu() as foreign:

@@ -68,7 +68,10 @@ def single_section(results: dict, scale) -> list[str]:
     note = (f"Bandwidth limit = {results['bandwidth']['bandwidth_gb_s']:.1f} GB/s / bytes read per step "
             f"({c['weight_bytes'] / 1e9:.2f} GB of weights at {scale.single_dtypes[0]} + mean KV); "
             "decode tok/s excludes the first token (prefill); for vllm-metal and mlx-lm it is the mean "
-            "of two rounds run in the order vllm-metal, mlx-lm, mlx-lm, vllm-metal.")
+            "of two rounds run in the order vllm-metal, mlx-lm, mlx-lm, vllm-metal. 4bit: the same "
+            "model quantized by mlx_lm.convert (4-bit, group 64, float32 scales), loaded at float32, "
+            "weights counted as stored; vllm-metal dequantizes it at load on the CPU device (its "
+            "default there), vllm-metal-4bit-kernels runs MLX's quantized kernels as mlx-lm does.")
     return [title, "", note, ""] + table(header, body)
 
 

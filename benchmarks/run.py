@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks import bandwidth, models, offline, report, serving, targets
 from benchmarks.engines import OFFLINE_ENGINES, VLLM_CPU, cpu_backend_problem
-from benchmarks.scales import SCALES
+from benchmarks.scales import QUANTIZED, SCALES, single_run
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -77,9 +77,13 @@ def run_serving(scale, model_dirs, logs) -> list[dict]:
 
 
 def ceilings(scale, model_dirs, bandwidth_gb_s) -> dict:
-    return {dtype: bandwidth.decode_ceiling(model_dirs[scale.single_model], dtype, scale.single_prompt_len,
-                                            scale.single_new_tokens, bandwidth_gb_s)
-            for dtype in scale.single_dtypes}
+    limits = {}
+    for variant in scale.single_dtypes:
+        model, dtype = single_run(scale, variant)
+        limits[variant] = bandwidth.decode_ceiling(
+            model_dirs[model], dtype, scale.single_prompt_len, scale.single_new_tokens, bandwidth_gb_s,
+            weights_as_stored=variant == QUANTIZED)
+    return limits
 
 
 def main(argv=None) -> int:
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
 
     log("preparing models")
-    names = {scale.single_model, scale.concurrency_model}
+    names = {scale.concurrency_model} | {single_run(scale, v)[0] for v in scale.single_dtypes}
     model_dirs = {name: models.prepare(name) for name in names}
     vocab = {name: models.tokenizer_vocab_size(path) for name, path in model_dirs.items()}
     log("measuring memory bandwidth")

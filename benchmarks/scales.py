@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 MiB = 1 << 20
 
+# A single-stream variant beside the dtypes: the same model quantized to MLX
+# 4-bit by mlx_lm.convert (group 64, float32 scales), loaded at float32.
+QUANTIZED = "4bit"
+
 
 @dataclass(frozen=True)
 class Scale:
@@ -44,7 +48,7 @@ class Scale:
 SCALES = {
     "smoke": Scale(
         name="smoke",
-        single_model="tiny-qwen3", single_dtypes=("float32",),
+        single_model="tiny-qwen3", single_dtypes=("float32", QUANTIZED),
         single_prompt_len=32, single_new_tokens=16,
         concurrency_model="tiny-qwen3", concurrency_dtype="float32",
         batch_requests=4, batch_prompt_range=(8, 32), batch_new_tokens=8,
@@ -56,7 +60,7 @@ SCALES = {
     ),
     "small": Scale(
         name="small",
-        single_model="qwen3-0.6b", single_dtypes=("bfloat16", "float32"),
+        single_model="qwen3-0.6b", single_dtypes=("bfloat16", "float32", QUANTIZED),
         single_prompt_len=128, single_new_tokens=32,
         concurrency_model="smollm2-135m", concurrency_dtype="float32",
         batch_requests=16, batch_prompt_range=(32, 256), batch_new_tokens=32,
@@ -68,7 +72,7 @@ SCALES = {
     ),
     "full": Scale(
         name="full",
-        single_model="qwen3-0.6b", single_dtypes=("bfloat16", "float32"),
+        single_model="qwen3-0.6b", single_dtypes=("bfloat16", "float32", QUANTIZED),
         single_prompt_len=128, single_new_tokens=256,
         concurrency_model="qwen3-0.6b", concurrency_dtype="bfloat16",
         batch_requests=64, batch_prompt_range=(64, 1024), batch_new_tokens=256,
@@ -80,3 +84,10 @@ SCALES = {
         timeout_s=7200,
     ),
 }
+
+
+def single_run(scale: Scale, variant: str) -> tuple[str, str]:
+    """(model name, dtype the engines load it at) of a single-stream variant."""
+    if variant == QUANTIZED:
+        return f"{scale.single_model}-{QUANTIZED}", "float32"
+    return scale.single_model, variant

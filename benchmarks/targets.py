@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from benchmarks.scales import QUANTIZED
+
 
 @dataclass
 class Target:
@@ -18,11 +20,14 @@ def _find(rows, **match):
 
 
 def single_stream(offline: list[dict], dtypes) -> list[Target]:
+    """The same kernels on both sides: for the 4-bit checkpoint, the plugin on
+    MLX's quantized kernels (the default plugin row dequantizes at load on CPU)."""
     targets = []
     for dtype in dtypes:
-        ours = _find(offline, kind="single", engine="vllm-metal", dtype=dtype)
+        engine = "vllm-metal-4bit-kernels" if dtype == QUANTIZED else "vllm-metal"
+        ours = _find(offline, kind="single", engine=engine, dtype=dtype)
         theirs = _find(offline, kind="single", engine="mlx-lm", dtype=dtype)
-        name = f"single-stream decode >= 1.0x mlx-lm ({dtype})"
+        name = f"single-stream decode >= 1.0x mlx-lm ({dtype}, {engine})"
         if not (ours and theirs):
             targets.append(Target(name, "not measured", None))
             continue
@@ -94,5 +99,5 @@ def evaluate(results: dict, scale) -> list[Target]:
     offline, serving = results["offline"], results["serving"]
     return (single_stream(offline, scale.single_dtypes)
             + concurrency(serving, scale.serve_concurrencies, _find(offline, kind="forward"))
-            + step_overhead(offline, scale.single_dtypes)
+            + step_overhead(offline, [d for d in scale.single_dtypes if d != QUANTIZED])
             + prefix_cache(serving, scale.prefix_len))

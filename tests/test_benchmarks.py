@@ -46,6 +46,8 @@ def assert_outputs(out: Path, scale: str) -> dict:
     assert is_number(ours[3]) and is_number(ours[4]), ours  # vs mlx-lm, % of limit
     assert is_number(single[("mlx-lm", "float32")][2])
     assert is_number(single[("bandwidth limit", "float32")][2])
+    for engine in ("vllm-metal", "vllm-metal-4bit-kernels", "mlx-lm", "bandwidth limit"):
+        assert is_number(single[(engine, "4bit")][2]), single[(engine, "4bit")]
 
     serving = table_rows(markdown, "Online serving")
     for server in ("vllm serve", "mlx_lm.server"):
