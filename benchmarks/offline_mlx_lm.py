@@ -84,9 +84,18 @@ def forward_ceiling(model, prompt_len: int, output_len: int, concurrencies: list
     def tokens(batch, length):
         return mx.random.randint(0, vocab_size, (batch, length)).astype(mx.int32)
 
-    def prefill(batch):
+    def fill(batch, length):
+        """As mlx-lm's generate does: the prompt but its last token fills the cache
+        (only the cache is evaluated, so the vocabulary projection runs for the last
+        position alone), then the last token gives the logits."""
         cache = make_prompt_cache(model)
-        mx.eval(model(tokens(batch, prompt_len), cache=cache))
+        model(tokens(batch, length - 1), cache=cache)
+        mx.eval([c.state for c in cache])
+        mx.eval(model(tokens(batch, 1), cache=cache))
+        return cache
+
+    def prefill(batch):
+        fill(batch, prompt_len)
 
     prefill_rates = {b: b * prompt_len / best_seconds(lambda b=b: prefill(b), 5)
                      for b in sorted({1, min(4, max(concurrencies))})}
@@ -96,8 +105,7 @@ def forward_ceiling(model, prompt_len: int, output_len: int, concurrencies: list
     steps_ms, ceilings = {}, {}
     context = prompt_len + output_len // 2
     for c in concurrencies:
-        cache = make_prompt_cache(model)
-        mx.eval(model(tokens(c, context), cache=cache))
+        cache = fill(c, context)
         step_s = best_seconds(
             lambda c=c, cache=cache: mx.eval(model(tokens(c, 1), cache=cache)), 5)
         steps_ms[str(c)] = 1e3 * step_s
