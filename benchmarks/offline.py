@@ -75,7 +75,7 @@ def worker_spec(run: WorkerRun, scale: Scale, model_dir: Path, vocab_size: int) 
     return {
         "engine": run.engine.worker,
         "model": str(model_dir),
-        "dtype": "float32" if run.dtype == QUANTIZED else run.dtype,
+        "dtype": single_run(scale, run.dtype)[1] if run.dtype == QUANTIZED else run.dtype,
         "kv_cache_bytes": scale.kv_cache_bytes,
         "max_model_len": scale.max_model_len,
         "max_num_seqs": max(scale.batch_requests, 1),
