@@ -36,6 +36,7 @@ from vllm.v1.structured_output.utils import apply_grammar_bitmask
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
 from vllm_metal import envs
+from vllm_metal.async_output import PLACEHOLDER, InFlightTokens, MetalAsyncOutput
 from vllm_metal.attention.paged import BatchPlan, PagedKVCache
 from vllm_metal.models.adapter import CausalLM
 from vllm_metal.models.loader import load_model, mx_dtype
@@ -98,6 +99,9 @@ class MetalModelRunner:
         self.kv_cache: PagedKVCache | None = None
         self.input_batch: InputBatch | None = None
         self.step_state: StepState | None = None
+        # Asynchronous scheduling: the last step's greedy tokens, still on the device.
+        self.async_scheduling = bool(self.scheduler_config.async_scheduling)
+        self.in_flight: InFlightTokens | None = None
         self.debug = envs.VLLM_METAL_DEBUG
         self.drafter = None
         self.num_spec_tokens = 0
@@ -331,6 +335,10 @@ class MetalModelRunner:
         for i, group in enumerate(groups):
             logits = self._run_group(group, prompt_logits, draft_checks)
             rows_logits.append((group.rows, logits))
+            if i == 0:
+                # The graph is built; now wait for the last step, whose KV writes
+                # must land before this one's (see below).
+                self._settle(self.in_flight)
             # Each group must finish before the next writes the same KV pools:
             # a pool still referenced by a pending graph would be copied, not updated.
             if i + 1 < len(groups) or self.parallel is not None:
@@ -375,10 +383,16 @@ class MetalModelRunner:
         for i, row in enumerate(group.rows):
             start = group.starts[i]
             tokens[i, : qlens[i]] = batch.token_ids_cpu[row, start : start + qlens[i]]
+        tokens = mx.array(tokens)
+        if self.in_flight is not None and not self.in_flight.settled:
+            tokens = self.in_flight.fill_inputs(tokens, [
+                (i, batch.req_ids[row], group.starts[i], int(qlens[i]),
+                 int(batch.num_prompt_tokens[row]))
+                for i, row in enumerate(group.rows)])
         block_table = batch.block_table[0].get_numpy_array()[rows]
         plan = BatchPlan.build(block_table, group.starts, qlens, self.block_size,
                                self.num_kv_heads, self.grouped_mask, self.default_window)
-        hidden = self.model.hidden_states(mx.array(tokens), self.kv_cache.layer_views(plan))
+        hidden = self.model.hidden_states(tokens, self.kv_cache.layer_views(plan))
         if not self.is_last_stage:
             return self.handoff.take_pending()
         num_drafts = np.array([len(batch.spec_token_ids[row]) for row in group.rows])
@@ -436,7 +450,10 @@ class MetalModelRunner:
         t0 = time.perf_counter()
         batch = self.input_batch
         discard = self._rows_still_in_prefill(state.scheduler_output)
-        if grammar_output is None and self._batch_is_plain_greedy():
+        plain_greedy = grammar_output is None and self._batch_is_plain_greedy()
+        if plain_greedy and self.async_scheduling:
+            return self._sample_in_flight(state, discard)
+        if plain_greedy:
             # Argmax in MLX: no vocabulary-sized copy to torch, same tokens.
             sampled = [[t] for t in mx.argmax(state.logits, axis=-1).tolist()]
             output = None
@@ -476,6 +493,53 @@ class MetalModelRunner:
                 (t1 - t0) * 1e3, (t2 - t1) * 1e3,
             )
         return result
+
+    def _sample_in_flight(self, state: StepState, discard: list[int]) -> MetalAsyncOutput:
+        """Greedy tokens left on the device: the next step reads them there, the
+        engine when it asks. The host books a placeholder for each."""
+        batch = self.input_batch
+        tokens = mx.argmax(state.logits, axis=-1).astype(mx.int32)
+        mx.async_eval(tokens)
+        skip = set(discard)
+        rows = [row for row in range(batch.num_reqs) if row not in skip]
+        slots = {}
+        for row in rows:
+            request = self.requests[batch.req_ids[row]]
+            slots[request.req_id] = (row, len(request.output_token_ids))
+        self._append_sampled([[] if row in skip else [PLACEHOLDER]
+                              for row in range(batch.num_reqs)])
+        self.in_flight = InFlightTokens(tokens, slots)
+        prompt_logprobs = self._prompt_logprobs(state)
+        self._finish_prompt_logprobs(state.scheduler_output)
+        return MetalAsyncOutput(
+            req_ids=list(batch.req_ids),
+            req_id_to_index=dict(batch.req_id_to_index),
+            rows=rows,
+            flight=self.in_flight,
+            settle=self._settle,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def _settle(self, flight: InFlightTokens | None) -> None:
+        """Wait for an in-flight step and put its tokens where the host keeps them.
+        The next step's forward must not be issued before: a KV pool still
+        referenced by a pending graph is copied, not updated in place."""
+        if flight is None or flight.settled:
+            return
+        values = flight.read()
+        flight.settled = True
+        if self.in_flight is flight:
+            self.in_flight = None
+        batch = self.input_batch
+        for req_id, (index, position) in flight.slots.items():
+            request = self.requests.get(req_id)
+            output = request.output_token_ids if request is not None else ()
+            if position >= len(output) or output[position] != PLACEHOLDER:
+                continue  # finished, or its output was cut back (preemption)
+            output[position] = values[index]
+            row = batch.req_id_to_index.get(req_id)
+            if row is not None:
+                batch.token_ids_cpu[row, len(request.prompt_token_ids) + position] = values[index]
 
     def _encode_sampled(self, sampled: list[list[int]]) -> np.ndarray:
         """[num_reqs, 1 + drafts] of token + 1, 0 where none (the broadcast sums)."""

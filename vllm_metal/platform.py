@@ -108,7 +108,7 @@ class MetalPlatform(Platform):
         compilation.cudagraph_capture_sizes = []
         if vllm_config.model_config is not None:
             vllm_config.model_config.enforce_eager = True
-        vllm_config.scheduler_config.async_scheduling = False
+        _settle_async_scheduling(vllm_config)
 
         # Neither Metal nor a thread pool that torch or MLX already started
         # survives fork(): the engine process would hang on its first op.
@@ -135,6 +135,17 @@ class MetalPlatform(Platform):
     @classmethod
     def support_hybrid_kv_cache(cls) -> bool:
         return False
+
+
+def _settle_async_scheduling(vllm_config) -> None:
+    """vLLM turns asynchronous scheduling on wherever it can. The runner overlaps
+    one rank's steps; with several ranks each step's tokens are exchanged on the
+    host, so the ranks run the steps one after another."""
+    scheduler = vllm_config.scheduler_config
+    if scheduler.async_scheduling and vllm_config.parallel_config.world_size > 1:
+        logger.info("vllm-metal: asynchronous scheduling runs with one rank only; "
+                    "off for tensor/pipeline parallel")
+        scheduler.async_scheduling = False
 
 
 def refuse_unsupported(vllm_config) -> None:

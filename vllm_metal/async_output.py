@@ -1,0 +1,82 @@
+"""Asynchronous scheduling: the host prepares step n+1 while the device runs step n.
+
+vLLM's engine (``--async-scheduling``) schedules step n+1 before it has read
+step n's tokens, and reads them later through an ``AsyncModelRunnerOutput``.
+The runner keeps step n's greedy tokens on the device (``InFlightTokens``):
+step n+1's graph takes its input tokens from there, and the host learns their
+values only once step n+1 is issued. Until then a request's host state holds
+``PLACEHOLDER`` at that position, as vLLM's scheduler counts it.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
+
+PLACEHOLDER = -1
+
+
+@dataclass
+class InFlightTokens:
+    """One step's sampled tokens, still on the device."""
+
+    tokens: mx.array  # [num_reqs] int32, one per row of the step's batch
+    # req_id -> (index into ``tokens``, position in the request's output tokens)
+    slots: dict[str, tuple[int, int]]
+    values: list[int] | None = None
+    settled: bool = False
+
+    def read(self) -> list[int]:
+        if self.values is None:
+            self.values = self.tokens.tolist()
+        return self.values
+
+    def fill_inputs(self, tokens: mx.array, rows: list[tuple[int, str, int, int, int]]) -> mx.array:
+        """``tokens`` [B, L] with host placeholders -> the device's tokens in their
+        place. ``rows``: (row of ``tokens``, req_id, first position, query length,
+        prompt length)."""
+        at_rows, at_cols, source = [], [], []
+        for i, req_id, start, query_len, num_prompt in rows:
+            slot = self.slots.get(req_id)
+            if slot is None:
+                continue
+            index, output_position = slot
+            column = num_prompt + output_position - start
+            if 0 <= column < query_len:
+                at_rows.append(i)
+                at_cols.append(column)
+                source.append(index)
+        if not at_rows:
+            return tokens
+        tokens[mx.array(np.array(at_rows)), mx.array(np.array(at_cols))] = (
+            self.tokens[mx.array(np.array(source, np.int32))]
+        )
+        return tokens
+
+
+@dataclass
+class MetalAsyncOutput(AsyncModelRunnerOutput):
+    """A step's output whose tokens the engine reads when it needs them."""
+
+    req_ids: list[str]
+    req_id_to_index: dict[str, int]
+    rows: list[int]  # batch rows that sampled a real token, each with one slot
+    flight: InFlightTokens
+    settle: Callable[[InFlightTokens], None]
+    prompt_logprobs: dict = field(default_factory=dict)
+
+    def get_output(self) -> ModelRunnerOutput:
+        self.settle(self.flight)
+        values = self.flight.read()
+        sampled: list[list[int]] = [[] for _ in self.req_ids]
+        for row in self.rows:
+            index, _ = self.flight.slots[self.req_ids[row]]
+            sampled[row] = [values[index]]
+        return ModelRunnerOutput(
+            req_ids=self.req_ids,
+            req_id_to_index=self.req_id_to_index,
+            sampled_token_ids=sampled,
+            prompt_logprobs_dict=self.prompt_logprobs,
+        )
