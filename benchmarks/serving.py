@@ -15,7 +15,9 @@ from benchmarks.contention import ForeignCpu, share_of_machine
 from benchmarks.scales import Scale
 
 SERVER_READY_TIMEOUT_S = 600
-VLLM = str(Path(PYTHON).with_name("vllm"))
+# The vllm command beside this Python, or its module where only the package is there.
+VLLM_CLI = ([str(Path(PYTHON).with_name("vllm"))] if Path(PYTHON).with_name("vllm").exists()
+            else [PYTHON, "-m", "vllm.entrypoints.cli.main"])
 
 
 @dataclass
@@ -30,7 +32,7 @@ class Session:
         if self.engine == "mlx_lm.server":
             return [PYTHON, "-m", "benchmarks.mlx_lm_server", "--model", str(model_dir),
                     "--host", LOCALHOST, "--port", str(port)]
-        cmd = [VLLM, "serve", str(model_dir), "--host", LOCALHOST, "--port", str(port),
+        cmd = [*VLLM_CLI, "serve", str(model_dir), "--host", LOCALHOST, "--port", str(port),
                "--dtype", dtype, "--kv-cache-memory-bytes", str(scale.kv_cache_bytes),
                "--max-model-len", str(scale.max_model_len), "--seed", "0",
                "--uvicorn-log-level", "warning"]

@@ -338,7 +338,9 @@ class MetalModelRunner:
             if i == 0:
                 # The graph is built; now wait for the last step, whose KV writes
                 # must land before this one's (see below).
+                t_built = time.perf_counter()
                 self._settle(self.in_flight)
+                t_settled = time.perf_counter()
             # Each group must finish before the next writes the same KV pools:
             # a pool still referenced by a pending graph would be copied, not updated.
             if i + 1 < len(groups) or self.parallel is not None:
@@ -351,7 +353,8 @@ class MetalModelRunner:
             logits = logits[mx.array(order)]
         self.step_state = StepState(
             scheduler_output, logits, prompt_logits, draft_checks,
-            {"prepare": t1 - t0, "forward_issue": time.perf_counter() - t1},
+            {"prepare": t1 - t0, "build": t_built - t1, "wait_last": t_settled - t_built,
+             "forward_issue": time.perf_counter() - t1 - (t_settled - t_built)},
         )
         return None
 
@@ -484,15 +487,20 @@ class MetalModelRunner:
             prompt_logprobs_dict=prompt_logprobs,
         )
         if self.debug:
-            t2 = time.perf_counter()
-            logger.info(
-                "step: %d reqs, %d tokens | prepare %.1f ms, forward issue %.1f ms, "
-                "forward wait %.1f ms, sample %.1f ms",
-                batch.num_reqs, state.scheduler_output.total_num_scheduled_tokens,
-                state.timings["prepare"] * 1e3, state.timings["forward_issue"] * 1e3,
-                (t1 - t0) * 1e3, (t2 - t1) * 1e3,
-            )
+            state.timings.update(forward_wait=t1 - t0, sample=time.perf_counter() - t1)
+            self._log_step(state, async_step=False)
         return result
+
+    def _log_step(self, state: StepState, async_step: bool) -> None:
+        """VLLM_METAL_DEBUG's line per step. ``build``: the host's graph building;
+        ``wait last``: waiting for the step in flight (asynchronous scheduling);
+        ``forward issue``: host time to build and issue this step's forward;
+        ``forward wait``: waiting for it (synchronous steps only)."""
+        timings = ", ".join(f"{name.replace('_', ' ')} {value * 1e3:.2f} ms"
+                            for name, value in state.timings.items())
+        logger.info("step (%s): %d reqs, %d tokens | %s", "async" if async_step else "sync",
+                    self.input_batch.num_reqs,
+                    state.scheduler_output.total_num_scheduled_tokens, timings)
 
     def _sample_in_flight(self, state: StepState, discard: list[int]) -> MetalAsyncOutput:
         """Greedy tokens left on the device: the next step reads them there, the
@@ -511,6 +519,8 @@ class MetalModelRunner:
         self.in_flight = InFlightTokens(tokens, slots)
         prompt_logprobs = self._prompt_logprobs(state)
         self._finish_prompt_logprobs(state.scheduler_output)
+        if self.debug:
+            self._log_step(state, async_step=True)
         return MetalAsyncOutput(
             req_ids=list(batch.req_ids),
             req_id_to_index=dict(batch.req_id_to_index),

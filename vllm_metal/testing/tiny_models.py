@@ -253,6 +253,22 @@ PRESETS = {
             initializer_range=0.02,
         ),
     ),
+    "llama-3-8b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            intermediate_size=14336,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
+            initializer_range=0.02,
+        ),
+    ),
 }
 
 

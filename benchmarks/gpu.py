@@ -1,0 +1,320 @@
+"""The engine against mlx-lm on an accelerator (MLX's CUDA build or Metal).
+
+    python -m benchmarks.gpu                          # everything below, in one run
+    python -m benchmarks.gpu --parts offline --shapes qwen3-0.6b
+
+For each model shape (random bf16 weights, written here): mlx-lm's plain decode
+loop, the plugin's offline ``LLM.generate`` and mlx-lm again (A B A: the
+machine drifts), at each batch size; the plugin with asynchronous scheduling
+off as well (the overlap's share); the bandwidth limit (weight bytes over the
+measured copy rate); the plugin's host time per step from VLLM_METAL_DEBUG's
+step lines. Then ``vllm serve`` against ``mlx_lm.server`` through
+``vllm bench serve`` at several concurrencies. Writes ``benchmarks/results/gpu.md``,
+``gpu.json`` and ``gpu.png``.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {"qwen3-0.6b": ("qwen3", (1, 8, 32)), "llama-3-8b": ("llama", (1, 8, 12)),
+          "tiny": ("qwen3", (1, 4))}  # tiny: the smoke test's, on any machine
+SYNC_VARIANT_SHAPES = ("qwen3-0.6b", "tiny")
+PROMPT_LEN, NEW_TOKENS = 32, 128
+KV_CACHE_BYTES = 8 << 30
+CONCURRENCIES = (1, 8, 32)
+
+
+# ------------------------------------------------------------------ models
+
+def write_model(shape: str, root: Path) -> Path:
+    from vllm_metal.testing.tiny_models import write_tiny_model
+
+    arch, _ = SHAPES[shape]
+    out = root / shape
+    if not (out / "config.json").exists():
+        start = time.perf_counter()
+        write_tiny_model(arch, out, dtype="bfloat16", preset=None if shape == "tiny" else shape)
+        print(f"wrote {shape} in {time.perf_counter() - start:.0f} s", flush=True)
+    return out
+
+
+def prompts(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed + batch)
+    return [[rng.randrange(10, vocab - 10) for _ in range(PROMPT_LEN)] for _ in range(batch)]
+
+
+# ------------------------------------------------------------ mlx-lm loop
+
+def mlx_lm_tokens_per_s(model, batch_prompts: list[list[int]]) -> float:
+    """mlx-lm's model and KV cache in the loop its generate_step runs: step n+1
+    is issued before step n's tokens are read."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    start = time.perf_counter()
+    y = mx.argmax(model(mx.array(batch_prompts), cache=cache)[:, -1], axis=-1)
+    mx.async_eval(y)
+    for _ in range(NEW_TOKENS - 1):
+        next_y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+        mx.async_eval(next_y)
+        y.tolist()
+        y = next_y
+    y.tolist()
+    return len(batch_prompts) * NEW_TOKENS / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------- the plugin
+
+@contextlib.contextmanager
+def output_to(path: Path):
+    """The engine process inherits this process's stdout and stderr (vLLM logs to
+    stdout): its step lines land in ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def start_plugin(model_dir: Path, max_batch: int, async_scheduling: bool, log: Path):
+    from vllm import LLM
+
+    os.environ["VLLM_METAL_DEBUG"] = "1"
+    with output_to(log):
+        return LLM(str(model_dir), dtype="bfloat16", max_model_len=1024, seed=0,
+                   max_num_seqs=max(max_batch, 8), kv_cache_memory_bytes=KV_CACHE_BYTES,
+                   async_scheduling=async_scheduling)
+
+
+def plugin_tokens_per_s(llm, batch_prompts: list[list[int]], log: Path) -> float:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    requests = [TokensPrompt(prompt_token_ids=p) for p in batch_prompts]
+    with output_to(log):
+        start = time.perf_counter()
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return generated / seconds
+
+
+STEP_LINE = re.compile(r"step \((async|sync)\): (\d+) reqs, (\d+) tokens \| (.*)")
+
+
+def step_timings(log: Path, batch: int) -> dict:
+    """Median ms of each part of the decode steps of ``batch`` requests in ``log``."""
+    parts: dict[str, list[float]] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        match = STEP_LINE.search(line)
+        if not match or int(match[2]) != batch or int(match[3]) != batch:
+            continue
+        for item in match[4].split(", "):
+            name, value, _ = item.rsplit(" ", 2)
+            parts.setdefault(name, []).append(float(value))
+    return {name: round(statistics.median(v), 2) for name, v in parts.items()}
+
+
+def stop(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+# --------------------------------------------------------------- offline
+
+def copy_rate_gb_s() -> float:
+    import mlx.core as mx
+
+    buffer = mx.zeros((1 << 28,), dtype=mx.float32)  # 1 GiB
+    mx.eval(buffer)
+    best = float("inf")
+    for _ in range(6):
+        start = time.perf_counter()
+        mx.eval(buffer + 1)
+        best = min(best, time.perf_counter() - start)
+    return 2 * buffer.nbytes / best / 1e9
+
+
+def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float) -> list[dict]:
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from vllm_metal.models.loader import weight_bytes
+
+    _, batches = SHAPES[shape]
+    model, _ = load(str(model_dir))
+    vocab = model.args.vocab_size
+    weights = weight_bytes(model)
+    mlx_lm_tokens_per_s(model, prompts(1, vocab))  # first-call costs
+    rows = []
+    variants = [True] + ([False] if shape in SYNC_VARIANT_SHAPES else [])
+    engines = {}
+    for async_on in variants:
+        log = logs / f"{shape}-{'async' if async_on else 'sync'}.log"
+        engines[async_on] = (start_plugin(model_dir, max(batches), async_on, log), log)
+        plugin_tokens_per_s(engines[async_on][0], prompts(2, vocab, seed=1), log)  # warm-up
+    for batch in batches:
+        batch_prompts = prompts(batch, vocab)
+        row = {"shape": shape, "batch": batch, "weights_gb": round(weights / 1e9, 2),
+               "limit_tok_s": round(batch * rate_gb_s * 1e9 / weights, 1)}
+        row["mlx_lm_a"] = mlx_lm_tokens_per_s(model, batch_prompts)
+        for async_on, (llm, log) in engines.items():
+            key = "plugin" if async_on else "plugin_sync"
+            row[key] = plugin_tokens_per_s(llm, batch_prompts, log)
+            row[f"{key}_steps_ms"] = step_timings(log, batch)
+        row["mlx_lm_b"] = mlx_lm_tokens_per_s(model, batch_prompts)
+        mlx_lm = (row["mlx_lm_a"] + row["mlx_lm_b"]) / 2
+        row["ratio"] = row["plugin"] / mlx_lm
+        if "plugin_sync" in row:
+            row["ratio_sync"] = row["plugin_sync"] / mlx_lm
+        rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+        print(json.dumps(rows[-1]), flush=True)
+    for llm, _ in engines.values():
+        stop(llm)
+    del model
+    mx.clear_cache()
+    return rows
+
+
+# ---------------------------------------------------------------- online
+
+def online(model_dir: Path, logs: Path) -> list[dict]:
+    from benchmarks import serving
+    from benchmarks.scales import SCALES
+
+    scale = dataclasses.replace(
+        SCALES["smoke"], name="gpu", serve_concurrencies=CONCURRENCIES, serve_prompt_len=PROMPT_LEN,
+        serve_output_len=NEW_TOKENS, serve_prompts_per_client=4, kv_cache_bytes=KV_CACHE_BYTES,
+        max_model_len=1024, timeout_s=420)
+    rows = []
+    for engine in ("vllm serve", "mlx_lm.server"):
+        runs = [("serving", {"concurrency": c}, serving.concurrency_args(scale, c))
+                for c in scale.serve_concurrencies]
+        session = serving.Session(engine, True, runs)
+        rows += serving.run_session(session, scale, model_dir, "bfloat16", logs)
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- report
+
+def fmt(value, digits=0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def report(result: dict) -> str:
+    lines = ["# vllm-metal on an accelerator", "",
+             f"`python -m benchmarks.gpu`, {result['device']}, MLX {result['mlx']}, "
+             f"{result['minutes']:.1f} min. Random bf16 weights, {PROMPT_LEN}-token prompts, "
+             f"{NEW_TOKENS} greedy tokens (ignore_eos). Each row: mlx-lm, the plugin, mlx-lm "
+             f"again; ratio = plugin / mean of the two mlx-lm runs. Copy rate "
+             f"{result['copy_gb_s']:.0f} GB/s; limit = batch x copy rate / weight bytes.", "",
+             "## Offline decode, tok/s", "",
+             "| shape | batch | mlx-lm (A / A') | plugin, async | ratio | plugin, sync | ratio | "
+             "limit | plugin % of limit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["offline"]:
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {fmt(r['mlx_lm_a'])} / {fmt(r['mlx_lm_b'])} | "
+            f"{fmt(r['plugin'])} | {fmt(r['ratio'], 2)} | {fmt(r.get('plugin_sync'))} | "
+            f"{fmt(r.get('ratio_sync'), 2)} | {fmt(r['limit_tok_s'])} | "
+            f"{100 * r['plugin'] / r['limit_tok_s']:.0f}% |")
+    lines += ["", "## The plugin's host time per decode step (median ms, VLLM_METAL_DEBUG)", "",
+              "| shape | batch | scheduling | step parts |", "| --- | --- | --- | --- |"]
+    for r in result["offline"]:
+        for key, name in (("plugin_steps_ms", "async"), ("plugin_sync_steps_ms", "sync")):
+            if r.get(key):
+                parts = ", ".join(f"{k} {v}" for k, v in r[key].items())
+                lines.append(f"| {r['shape']} | {r['batch']} | {name} | {parts} |")
+    if result.get("online"):
+        lines += ["", f"## Online, `vllm bench serve` ({result['online_shape']})", "",
+                  "| engine | concurrency | output tok/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms | status |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in result["online"]:
+            lines.append(f"| {r['engine']} | {r.get('concurrency')} | {fmt(r.get('output_tok_s'))} | "
+                         f"{fmt(r.get('ttft_p50_ms'))} | {fmt(r.get('itl_p50_ms'), 1)} | "
+                         f"{fmt(r.get('itl_p99_ms'), 1)} | {r.get('status')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["offline"]
+    labels = [f"{r['shape']}\nbatch {r['batch']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r["ratio"] for r in rows], label="async (default)")
+    sync = [r.get("ratio_sync") or 0 for r in rows]
+    ax.scatter(range(len(rows)), sync, color="black", marker="_", s=400, label="sync")
+    ax.axhline(1.0, color="gray", linestyle="--")
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("plugin tok/s / mlx-lm tok/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES),
+                        default=["qwen3-0.6b", "llama-3-8b"])
+    parser.add_argument("--parts", nargs="+", choices=("offline", "online"),
+                        default=["offline", "online"])
+    parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "vllm-metal-gpu")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    from vllm_metal.device import select_device
+
+    select_device()
+    import mlx.core as mx
+
+    started = time.perf_counter()
+    logs = args.out / "logs-gpu"
+    logs.mkdir(parents=True, exist_ok=True)
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    result = {"device": info.get("device_name", str(mx.default_device())), "mlx": mx.__version__,
+              "copy_gb_s": copy_rate_gb_s(), "offline": [], "online": []}
+    for shape in args.shapes:
+        model_dir = write_model(shape, args.models)
+        if "offline" in args.parts:
+            result["offline"] += offline(shape, model_dir, logs, result["copy_gb_s"])
+    if "online" in args.parts:
+        result["online_shape"] = args.shapes[0]
+        result["online"] = online(write_model(args.shapes[0], args.models), logs)
+    result["minutes"] = (time.perf_counter() - started) / 60
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu.json").write_text(json.dumps(result, indent=1))
+    (args.out / "gpu.md").write_text(report(result))
+    if result["offline"]:
+        plot(result, args.out / "gpu.png")
+    print(report(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The host's cost of one decode step, the plugin's paged graph against mlx-lm's
+dense-cache graph on the same model: Python graph building, then ``mx.async_eval``
+(MLX's own scheduling and kernel launches), each the median over steps.
+
+    python -m benchmarks.host_cost MODEL_DIR [--batch 1 8] [--steps 40]
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+
+def timed_steps(build, steps: int) -> dict:
+    import mlx.core as mx
+
+    builds, issues, totals = [], [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = build()
+        built = time.perf_counter()
+        mx.async_eval(out)
+        issued = time.perf_counter()
+        out.tolist()
+        builds.append(built - start)
+        issues.append(issued - built)
+        totals.append(time.perf_counter() - start)
+    return {k: round(1e3 * statistics.median(v), 3)
+            for k, v in (("build_ms", builds), ("async_eval_ms", issues), ("step_ms", totals))}
+
+
+def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from vllm_metal.attention.paged import BatchPlan, PagedKVCache
+    from vllm_metal.models.adapter import CausalLM
+
+    model, _ = load(model_dir)
+    args = model.args
+    kv_heads = args.num_key_value_heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    dtype = model.model.embed_tokens.weight.dtype
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.zeros((batch, context), mx.int32), cache=cache))
+    token = mx.zeros((batch,), mx.int32)
+
+    def mlx_lm_step():
+        nonlocal token
+        token = mx.argmax(model(token[:, None], cache=cache)[:, -1], axis=-1)
+        return token
+
+    block_size = 16
+    blocks_per_seq = -(-(context + steps + 8) // block_size)
+    pools = PagedKVCache(len(model.layers), 1 + batch * blocks_per_seq, block_size, kv_heads,
+                         head_dim, dtype)
+    tables = 1 + np.arange(batch * blocks_per_seq).reshape(batch, blocks_per_seq)
+    lm = CausalLM(model)
+    position = context
+
+    def plugin_step():
+        nonlocal position
+        plan = BatchPlan.build(tables, [position] * batch, [1] * batch, block_size, kv_heads)
+        position += 1
+        hidden = lm.hidden_states(mx.zeros((batch, 1), mx.int32), pools.layer_views(plan))
+        return mx.argmax(lm.logits(hidden[:, -1]), axis=-1)
+
+    timed_steps(mlx_lm_step, 3)
+    timed_steps(plugin_step, 3)
+    result = {"batch": batch}
+    for name, step in (("mlx_lm", mlx_lm_step), ("plugin", plugin_step),
+                       ("mlx_lm_again", mlx_lm_step)):
+        result[name] = timed_steps(step, steps)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    from vllm_metal.device import select_device
+
+    select_device()
+    for batch in args.batch:
+        print(json.dumps(measure(args.model, batch, args.steps)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Asynchronous scheduling (vLLM's default where it applies): the host prepares
+step n+1 while step n runs. It must change no token: the same requests give the
+same tokens with it on and off, greedy and seeded, through chunked prefill,
+prefix caching and requests that finish at different steps."""
+
+import pytest
+from conftest import start_llm, stop_llm
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+SHARED_PREFIX = [(7 * i) % 500 + 3 for i in range(80)]
+
+
+def workload():
+    prompts, params = [], []
+    for i in range(10):
+        length = 5 + 37 * i  # 5..338 tokens: several are chunked at 128
+        ids = SHARED_PREFIX + [(13 * j + i) % 500 + 3 for j in range(length)]
+        prompts.append(TokensPrompt(prompt_token_ids=ids))
+        kind = i % 4
+        if kind == 0:
+            params.append(SamplingParams(temperature=0.0, max_tokens=8 + 3 * i, ignore_eos=True))
+        elif kind == 1:
+            params.append(SamplingParams(temperature=0.9, top_p=0.9, seed=100 + i, max_tokens=20,
+                                         ignore_eos=True))
+        elif kind == 2:
+            params.append(SamplingParams(temperature=0.0, repetition_penalty=1.3,
+                                         frequency_penalty=0.5, max_tokens=20, ignore_eos=True))
+        else:
+            params.append(SamplingParams(temperature=0.0, max_tokens=24, logprobs=2,
+                                         ignore_eos=True))
+    return prompts, params
+
+
+def run(model: str, async_scheduling: bool | None):
+    options = dict(max_num_batched_tokens=128, max_num_seqs=6, enable_prefix_caching=True)
+    if async_scheduling is not None:
+        options["async_scheduling"] = async_scheduling
+    llm = start_llm(model, **options)
+    try:
+        in_effect = llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+        prompts, params = workload()
+        outputs = llm.generate(prompts, params)
+        # A second pass hits the prefix cache for every prompt.
+        again = llm.generate(prompts[:3], params[:3])
+    finally:
+        stop_llm(llm)
+    tokens = [list(o.outputs[0].token_ids) for o in outputs + again]
+    logprobs = [[{k: v.logprob for k, v in step.items()}
+                 for step in o.outputs[0].logprobs] if o.outputs[0].logprobs else None
+                for o in outputs]
+    cached = [o.num_cached_tokens for o in again]
+    return in_effect, tokens, logprobs, cached
+
+
+def same_logprobs(a, b) -> bool:
+    """Equal token sets, values within float32 noise (batches differ in shape)."""
+    if (a is None) != (b is None):
+        return False
+    if a is None:
+        return True
+    return len(a) == len(b) and all(
+        (x is None and y is None) or (
+            x is not None and y is not None and len(x) == len(y) and all(
+                sx.keys() == sy.keys() and all(abs(sx[k] - sy[k]) < 1e-3 for k in sx)
+                for sx, sy in zip(x, y)))
+        for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model("qwen3")
+
+
+def test_on_by_default_and_same_tokens_as_off(model):
+    default_on, tokens_on, logprobs_on, cached_on = run(model, None)
+    forced_off, tokens_off, logprobs_off, _ = run(model, False)
+    assert default_on is True
+    assert forced_off is False
+    assert tokens_on == tokens_off
+    assert same_logprobs(logprobs_on, logprobs_off)
+    assert all(n >= len(SHARED_PREFIX) - 16 for n in cached_on)
+    assert [len(t) for t in tokens_on[:10]] == [p.max_tokens for p in workload()[1]]
