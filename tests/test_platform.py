@@ -91,3 +91,19 @@ def test_unsupported_options_are_refused(tiny_model, option, words):
         option["speculative_config"]["model"] = tiny_model("qwen3")
     with pytest.raises(Exception, match=words):
         start_llm(tiny_model("qwen3"), **option)
+
+
+@pytest.mark.parametrize("arch,fields,words", [
+    ("mistral", {"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]},
+     "layer_types in a MistralForCausalLM"),
+    ("gemma3_text", {"layer_types": ["full_attention", "sliding_attention"]},
+     "layer_types in a Gemma3ForCausalLM config that does not repeat sliding_window_pattern=2"),
+    ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+])
+def test_window_configs_it_would_get_wrong_are_refused(tiny_model, tmp_path, arch, fields, words):
+    model_dir = tmp_path / arch
+    shutil.copytree(tiny_model(arch), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(Exception, match=words):
+        start_llm(str(model_dir))

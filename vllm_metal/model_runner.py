@@ -40,7 +40,8 @@ from vllm_metal.async_output import PLACEHOLDER, InFlightTokens, MetalAsyncOutpu
 from vllm_metal.attention.paged import BatchPlan, PagedKVCache
 from vllm_metal.models.adapter import CausalLM
 from vllm_metal.models.loader import load_model, mx_dtype
-from vllm_metal.models.registry import GROUPED_SCORE_MASK, model_wide_window
+from vllm_metal.models.registry import GROUPED_SCORE_MASK
+from vllm_metal.models.windows import layer_windows, use_layer_windows
 
 logger = logging.getLogger("vllm.metal")
 
@@ -95,7 +96,6 @@ class MetalModelRunner:
         self.sampler = Sampler(logprobs_mode=self.model_config.logprobs_mode)
         self.model: CausalLM | None = None
         self.grouped_mask = False
-        self.default_window: int | None = None
         self.kv_cache: PagedKVCache | None = None
         self.input_batch: InputBatch | None = None
         self.step_state: StepState | None = None
@@ -123,7 +123,10 @@ class MetalModelRunner:
         arch = (self.model_config.architectures or [""])[0]
         self.grouped_mask = (arch in GROUPED_SCORE_MASK and
                              self.model_config.get_total_num_kv_heads() != hf_config.num_attention_heads)
-        self.default_window = model_wide_window(arch, hf_config)
+        windows = layer_windows(arch, hf_config)
+        use_layer_windows(self.model.backbone, windows)
+        if any(windows):
+            logger.info("Sliding windows per layer: %s", windows)
 
     def _partition(self, model) -> None:
         """This rank's part of the model: its pipeline stage, its tensor shard."""
@@ -394,7 +397,7 @@ class MetalModelRunner:
                 for i, row in enumerate(group.rows)])
         block_table = batch.block_table[0].get_numpy_array()[rows]
         plan = BatchPlan.build(block_table, group.starts, qlens, self.block_size,
-                               self.num_kv_heads, self.grouped_mask, self.default_window)
+                               self.num_kv_heads, self.grouped_mask)
         hidden = self.model.hidden_states(tokens, self.kv_cache.layer_views(plan))
         if not self.is_last_stage:
             return self.handoff.take_pending()

@@ -156,9 +156,11 @@ def refuse_unsupported(vllm_config) -> None:
     parallel = vllm_config.parallel_config
     if model is not None:
         from vllm_metal.models.registry import check_architecture
+        from vllm_metal.models.windows import window_problems
 
         for arch in model.architectures or []:
             check_architecture(arch)
+            problems += window_problems(arch, model.hf_text_config)
         if model.runner_type != "generate":
             problems.append(f"--runner {model.runner_type} (only text generation is supported)")
         if model.is_multimodal_model:

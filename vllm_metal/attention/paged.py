@@ -56,12 +56,11 @@ class BatchPlan:
     query_pos: np.ndarray  # [B, L] absolute position of each query
     context_lens: np.ndarray  # [B] tokens of context after this step
     grouped_mask: bool  # mask shaped [B, 1, 1, L, S] for grouped-query scores
-    default_window: int | None  # applied where the model asks for a plain causal mask
     _masks: dict
 
     @classmethod
     def build(cls, block_tables, start_positions, query_lens, block_size, num_kv_heads,
-              grouped_mask=False, default_window=None):
+              grouped_mask=False):
         """``block_tables``: [B, max_blocks] int; positions and lengths: [B] int."""
         start = np.asarray(start_positions, dtype=np.int64)
         qlens = np.asarray(query_lens, dtype=np.int64)
@@ -90,12 +89,10 @@ class BatchPlan:
             query_pos=query_pos,
             context_lens=ctx,
             grouped_mask=grouped_mask,
-            default_window=default_window,
             _masks={},
         )
 
     def mask(self, window_size: int | None = None) -> mx.array | None:
-        window_size = window_size or self.default_window
         if window_size not in self._masks:
             self._masks[window_size] = self._make_mask(window_size)
         return self._masks[window_size]

@@ -18,14 +18,6 @@ SUPPORTED_ARCHITECTURES = {
 GROUPED_SCORE_MASK = {"Gemma2ForCausalLM"}
 
 
-def model_wide_window(arch: str, hf_config) -> int | None:
-    """A sliding window every layer applies although mlx-lm's definition does not
-    know it: HF Mistral's ``sliding_window`` (mlx-lm runs Mistral as Llama)."""
-    if arch == "MistralForCausalLM" and not getattr(hf_config, "layer_types", None):
-        return getattr(hf_config, "sliding_window", None)
-    return None
-
-
 class UnsupportedModel(ValueError):
     pass
 
