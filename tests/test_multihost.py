@@ -12,12 +12,11 @@ import psutil
 import pytest
 import requests
 
-from conftest import free_port, start_llm, stop_llm
+from conftest import free_port, requires_tool, start_llm, stop_llm
 from vllm_metal.testing.netns import SimulatedHosts, can_simulate_hosts
 from vllm_metal.testing.server import wait_until_healthy
 
-pytestmark = pytest.mark.skipif(can_simulate_hosts() is not None,
-                                reason=f"cannot simulate hosts: {can_simulate_hosts()}")
+pytestmark = requires_tool(can_simulate_hosts())
 
 PROMPTS = ["def add_one(x):", "The quick brown fox jumps over the lazy dog. " * 4]
 MAX_TOKENS = 12
