@@ -34,12 +34,24 @@ for spec in sys.argv[1:]:
 EOF
 }
 
-# OpenBLAS: MLX's bundled CPU BLAS is the slow reference one; vllm_metal loads
-# OpenBLAS when it finds it (37x faster float32 matmul on CPU).
-if [ "$OS" = Linux ] && [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 ] \
-   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread iproute2 >/dev/null) \
-    || echo "install.sh: OpenBLAS not installed; MLX on CPU will use its slow bundled BLAS"
+# System packages on Linux, each only when missing (root with apt-get).
+APT_UPDATED=
+apt_install() {  # PACKAGE WHAT-HAPPENS-WITHOUT-IT
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    [ -n "$APT_UPDATED" ] || { apt-get update -qq || true; APT_UPDATED=1; }
+    apt-get install -y -qq "$1" >/dev/null && return 0
+  fi
+  echo "install.sh: $1 not installed; $2"
+}
+
+if [ "$OS" = Linux ]; then
+  # OpenBLAS: MLX's bundled CPU BLAS is the slow reference one; vllm_metal loads
+  # OpenBLAS when it finds it (37x faster float32 matmul on CPU).
+  [ -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 ] \
+    || apt_install libopenblas0-pthread "MLX on CPU will use its slow bundled BLAS"
+  # iproute2: the multi-host tests simulate hosts with network namespaces (`ip netns`).
+  command -v ip >/dev/null 2>&1 \
+    || apt_install iproute2 "the multi-host tests cannot run (and fail in CI)"
 fi
 
 # torch first, so nothing else pulls a different (CUDA) build.

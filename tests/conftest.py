@@ -12,6 +12,23 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 KV_BYTES = 64 * 1024**2
 
 
+def requires_tool(missing: str | None):
+    """Mark tests that need a tool of the machine (``missing``: why it is not
+    usable here, None when it is). Outside CI they skip without it; in CI (``CI``
+    set) they fail, so a lost tool cannot silently shrink the suite."""
+    return pytest.mark.requires_tool(missing)
+
+
+def pytest_runtest_setup(item):
+    for marker in item.iter_markers("requires_tool"):
+        missing = marker.args[0]
+        if missing is None:
+            continue
+        if os.environ.get("CI"):
+            pytest.fail(f"CI lacks a tool these tests need: {missing}", pytrace=False)
+        pytest.skip(missing)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """``tiny_model(arch, **overrides)`` -> path of a cached tiny random checkpoint."""

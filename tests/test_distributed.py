@@ -1,12 +1,13 @@
 """Tensor and pipeline parallel on one host: N x M worker processes, the model's
 collectives through mx.distributed (ring backend on 127.0.0.1), greedy tokens
-identical to one rank's in float32."""
+identical to one rank's in float32, and for some architectures to transformers'."""
 
 import pytest
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
 from conftest import start_llm, stop_llm
+from vllm_metal.testing.reference import greedy_tokens, load_hf
 from vllm_metal.testing.tiny_models import SUPPORTED_TINY_ARCHS
 
 PROMPTS = [
@@ -17,13 +18,22 @@ PROMPTS = [
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
+# A dense and an MoE architecture whose TP=2 and PP=2 tokens are also checked
+# against transformers float32, not only against the plugin's own one rank.
+CHECKED_WITH_TRANSFORMERS = {"llama", "qwen3_moe"}
+
 _reference: dict = {}
 
 
 def generate(model: str, **options) -> list[list[int]]:
+    return [tokens for _, tokens in prompts_and_tokens(model, **options)]
+
+
+def prompts_and_tokens(model: str, **options) -> list[tuple[list[int], list[int]]]:
     llm = start_llm(model, **options)
     try:
-        return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, GREEDY)]
+        return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids))
+                for o in llm.generate(PROMPTS, GREEDY)]
     finally:
         stop_llm(llm)
 
@@ -34,16 +44,26 @@ def one_rank_tokens(model: str) -> list[list[int]]:
     return _reference[model]
 
 
+def transformers_tokens(model: str, prompt_ids: list[list[int]]) -> list[list[int]]:
+    hf = load_hf(model)
+    return [greedy_tokens(hf, ids, GREEDY.max_tokens) for ids in prompt_ids]
+
+
+def assert_matches_one_rank_and_transformers(arch: str, model: str, **layout) -> None:
+    prompt_ids, got = zip(*prompts_and_tokens(model, **layout))
+    assert list(got) == one_rank_tokens(model)
+    if arch in CHECKED_WITH_TRANSFORMERS:
+        assert list(got) == transformers_tokens(model, list(prompt_ids))
+
+
 @pytest.mark.parametrize("arch", SUPPORTED_TINY_ARCHS)
 def test_tensor_parallel_2_matches_one_rank(tiny_model, arch):
-    model = tiny_model(arch)
-    assert generate(model, tensor_parallel_size=2) == one_rank_tokens(model)
+    assert_matches_one_rank_and_transformers(arch, tiny_model(arch), tensor_parallel_size=2)
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_TINY_ARCHS)
 def test_pipeline_parallel_2_matches_one_rank(tiny_model, arch):
-    model = tiny_model(arch)
-    assert generate(model, pipeline_parallel_size=2) == one_rank_tokens(model)
+    assert_matches_one_rank_and_transformers(arch, tiny_model(arch), pipeline_parallel_size=2)
 
 
 # The tiny models have 2 KV heads; these get 4 (and 4 layers for two stages of two).

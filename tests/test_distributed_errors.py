@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import free_port, start_llm
+from conftest import free_port, requires_tool, start_llm
 from vllm_metal.distributed.bootstrap import _check_versions, software_versions
 from vllm_metal.distributed.hostfile import read_hostfile
 from vllm_metal.distributed.parallel import DistributedError
@@ -114,7 +114,7 @@ def test_ranks_compare_versions():
         _check_versions(ranks)
 
 
-@pytest.mark.skipif(can_simulate_hosts() is not None, reason=f"{can_simulate_hosts()}")
+@requires_tool(can_simulate_hosts())
 def test_rank_that_cannot_reach_the_coordinator(tiny_model, tmp_path):
     model = tiny_model("llama")
     with SimulatedHosts(2) as hosts:

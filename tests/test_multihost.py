@@ -1,5 +1,6 @@
 """Several hosts simulated with network namespaces (own addresses, a bridge
-between them), started by the launcher; the caller is the HTTP client."""
+between them), started by the launcher; the caller is the HTTP client. Served
+tokens equal one host's, which equal transformers' float32."""
 
 import json
 import os
@@ -12,27 +13,31 @@ import psutil
 import pytest
 import requests
 
-from conftest import free_port, start_llm, stop_llm
+from conftest import free_port, requires_tool, start_llm, stop_llm
 from vllm_metal.testing.netns import SimulatedHosts, can_simulate_hosts
+from vllm_metal.testing.reference import greedy_tokens, load_hf
 from vllm_metal.testing.server import wait_until_healthy
 
-pytestmark = pytest.mark.skipif(can_simulate_hosts() is not None,
-                                reason=f"cannot simulate hosts: {can_simulate_hosts()}")
+pytestmark = requires_tool(can_simulate_hosts())
 
 PROMPTS = ["def add_one(x):", "The quick brown fox jumps over the lazy dog. " * 4]
 MAX_TOKENS = 12
 
 
 def one_host_tokens(model: str) -> list[list[int]]:
+    """One host's greedy tokens, checked against transformers float32 first."""
     from vllm import SamplingParams
 
     llm = start_llm(model)
     try:
         outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
                                                     ignore_eos=True))
-        return [list(o.outputs[0].token_ids) for o in outs]
     finally:
         stop_llm(llm)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    hf = load_hf(model)
+    assert tokens == [greedy_tokens(hf, list(o.prompt_token_ids), MAX_TOKENS) for o in outs]
+    return tokens
 
 
 class Launch:

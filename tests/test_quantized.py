@@ -2,6 +2,9 @@
 unchanged, with the same greedy tokens as mlx-lm on the same files; the KV
 cache grows by what quantization saves."""
 
+import json
+from pathlib import Path
+
 import pytest
 from conftest import start_llm, stop_llm
 from vllm import SamplingParams
@@ -48,16 +51,50 @@ def test_greedy_matches_mlx_lm_on_the_same_files(quantized, monkeypatch, arch, b
     assert got == [mlx_lm_greedy(model_dir, p, GREEDY.max_tokens) for p in PROMPTS]
 
 
-def test_kv_capacity_reflects_smaller_weights(quantized, tiny_model, monkeypatch):
+# What VLLM_METAL_MEMORY_FRACTION grants this engine for weights + KV cache, set as
+# a fraction of the same total the worker reads, so the block counts do not depend
+# on the machine's memory.
+WEIGHTS_AND_KV_BYTES = 256 * 1024**2
+
+
+def fraction_granting(nbytes: int) -> str:
+    import psutil
+
+    from vllm_metal.worker import ACTIVATION_RESERVE_BYTES
+
+    return repr((nbytes + ACTIVATION_RESERVE_BYTES) / psutil.virtual_memory().total)
+
+
+def checkpoint_bytes(model_dir: str) -> int:
+    import mlx.core as mx
+
+    files = Path(model_dir).glob("*.safetensors")
+    return sum(v.nbytes for f in files for v in mx.load(str(f)).values())
+
+
+def float32_block_bytes(model_dir: str) -> int:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    # K and V, every layer, 16 tokens a block.
+    return 2 * config["num_hidden_layers"] * 16 * config["num_key_value_heads"] * head_dim * 4
+
+
+def test_kv_capacity_is_what_the_weights_leave(quantized, tiny_model, monkeypatch):
+    """The same grant: the KV cache gets what the weights leave of it, in whole
+    blocks, so the 4-bit checkpoint gets more blocks by what quantization saves."""
     from vllm import LLM
 
     monkeypatch.setenv("VLLM_METAL_DEQUANTIZE", "0")
-    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "0.03")
-    blocks = {}
+    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", fraction_granting(WEIGHTS_AND_KV_BYTES))
+    blocks, expected = {}, {}
     for name, path in (("dense", tiny_model("qwen3")), ("q4", quantized("qwen3", 4))):
         llm = LLM(path, max_model_len=256, dtype="float32")
         try:
             blocks[name] = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
         finally:
             stop_llm(llm)
-    assert blocks["q4"] > blocks["dense"] > 0
+        left = WEIGHTS_AND_KV_BYTES - checkpoint_bytes(path)
+        expected[name] = left // float32_block_bytes(path)
+    # One block of slack: the fraction's float rounding can cost a byte.
+    assert all(abs(blocks[n] - expected[n]) <= 1 for n in blocks), (blocks, expected)
+    assert blocks["q4"] - blocks["dense"] > 10

@@ -1,5 +1,6 @@
 """The README's serve command, run as written, serves the bundled real model;
-its answers equal transformers' float32 output on the same GGUF file."""
+its answers equal transformers' float32 output on the same GGUF file. The
+README's settings table is the code's."""
 
 import re
 import shlex
@@ -9,6 +10,7 @@ import pytest
 import requests
 import torch
 
+from vllm_metal import envs
 from vllm_metal.models.gguf import bundled_smollm2_path
 from vllm_metal.testing.server import Server
 
@@ -26,6 +28,29 @@ def test_readme_starts_with_install_then_serve_and_test():
     serve, test = readme_commands()
     assert serve.startswith("./install.sh && ") and "vllm serve " in serve
     assert test.startswith("./install.sh && ") and "pytest" in test
+
+
+def settings_table(text: str) -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) rows of the first markdown table headed
+    ``| variable | default | meaning |`` in ``text``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if re.fullmatch(r"\|\s*variable\s*\|\s*default\s*\|\s*meaning\s*\|", line.strip()))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        assert len(cells) == 3, line
+        rows.append(tuple(cells))
+    return rows
+
+
+def test_readme_settings_table_is_the_codes():
+    readme = settings_table((ROOT / "README.md").read_text())
+    assert readme == settings_table(envs.__doc__)
+    assert [(name, default) for name, default, _ in readme] == [
+        (s.name, s.default) for s in envs.SETTINGS.values()]
 
 
 @pytest.fixture(scope="module")

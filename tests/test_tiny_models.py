@@ -1,16 +1,14 @@
 import json
 
+import mlx.core as mx
 import pytest
+import torch
+import transformers
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load as mlx_load
+from safetensors import safe_open
 
-torch = pytest.importorskip("torch")
-mx = pytest.importorskip("mlx.core")
-transformers = pytest.importorskip("transformers")
-
-from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
-from mlx_lm.utils import load as mlx_load  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from vllm_metal.testing.tiny_models import (  # noqa: E402
+from vllm_metal.testing.tiny_models import (
     CHATML_TEMPLATE,
     SUPPORTED_TINY_ARCHS,
     TOKENIZER_VOCAB_SIZE,

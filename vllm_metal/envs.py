@@ -4,8 +4,8 @@
 | --- | --- | --- |
 | VLLM_METAL_USE_MLX | 1 | 0 switches the plugin off; vLLM then picks its own platform |
 | VLLM_MLX_DEVICE | gpu | gpu or cpu; gpu falls back to cpu (with a log line) where MLX has no GPU |
-| VLLM_METAL_MEMORY_FRACTION | 0.9 | share of the machine's memory this engine may use for weights + KV cache |
-| VLLM_METAL_BLOCK_SIZE | 16 | tokens per KV-cache block (vLLM's --block-size wins when given) |
+| VLLM_METAL_MEMORY_FRACTION | 0.9 | share of the machine's memory this engine may use for weights + KV cache (`--kv-cache-memory-bytes` overrides) |
+| VLLM_METAL_BLOCK_SIZE | 16 | tokens per KV-cache block (vLLM's `--block-size` wins when given) |
 | VLLM_METAL_DEBUG | 0 | 1 logs each step's batch composition and timings |
 | VLLM_METAL_DEQUANTIZE | auto | auto, 1 or 0: dequantize quantized weights at load (auto: only on the CPU device, where MLX's quantized kernels are slow) |
 | VLLM_METAL_BLAS | auto | auto or a path: the BLAS library MLX's CPU device uses for float32 (auto: the system OpenBLAS when present) |

@@ -27,10 +27,14 @@ def greedy_tokens(model, prompt_ids: list[int], max_new_tokens: int) -> list[int
 
 
 @torch.no_grad()
+def logits(model, token_ids: list[int]) -> torch.Tensor:
+    """float32 reference logits at every position: [len, vocab]."""
+    return model(torch.tensor([token_ids])).logits[0].float()
+
+
 def logprobs(model, token_ids: list[int]) -> torch.Tensor:
     """float32 log-softmax of the reference logits at every position: [len, vocab]."""
-    logits = model(torch.tensor([token_ids])).logits[0].float()
-    return torch.log_softmax(logits, dim=-1)
+    return torch.log_softmax(logits(model, token_ids), dim=-1)
 
 
 def mlx_lm_greedy(model_dir: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
