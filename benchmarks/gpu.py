@@ -1,7 +1,8 @@
 """The engine against mlx-lm on an accelerator (MLX's CUDA build or Metal).
 
-    python -m benchmarks.gpu                          # everything below, in one run
-    python -m benchmarks.gpu --parts offline --shapes qwen3-0.6b
+    python -m benchmarks.gpu                          # everything below (about 10 min on an H200)
+    python -m benchmarks.gpu --parts offline          # about 4 min
+    python -m benchmarks.gpu --parts online --out DIR # about 5 min
 
 For each model shape (random bf16 weights, written here): mlx-lm's plain decode
 loop, the plugin's offline ``LLM.generate`` and mlx-lm again (A B A: the
@@ -206,7 +207,7 @@ def online(model_dir: Path, logs: Path) -> list[dict]:
 
     scale = dataclasses.replace(
         SCALES["smoke"], name="gpu", serve_concurrencies=CONCURRENCIES, serve_prompt_len=PROMPT_LEN,
-        serve_output_len=NEW_TOKENS, serve_prompts_per_client=4, kv_cache_bytes=KV_CACHE_BYTES,
+        serve_output_len=NEW_TOKENS, serve_prompts_per_client=2, kv_cache_bytes=KV_CACHE_BYTES,
         max_model_len=1024, timeout_s=420)
     rows = []
     for engine in ("vllm serve", "mlx_lm.server"):
@@ -304,16 +305,20 @@ def main() -> None:
         model_dir = write_model(shape, args.models)
         if "offline" in args.parts:
             result["offline"] += offline(shape, model_dir, logs, result["copy_gb_s"])
+            save(result, args.out, started)  # a run cut short keeps what it measured
     if "online" in args.parts:
         result["online_shape"] = args.shapes[0]
         result["online"] = online(write_model(args.shapes[0], args.models), logs)
-    result["minutes"] = (time.perf_counter() - started) / 60
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(result, indent=1))
-    (args.out / "gpu.md").write_text(report(result))
-    if result["offline"]:
-        plot(result, args.out / "gpu.png")
+    save(result, args.out, started)
     print(report(result))
+
+
+def save(result: dict, out: Path, started: float) -> None:
+    result["minutes"] = (time.perf_counter() - started) / 60
+    (out / "gpu.json").write_text(json.dumps(result, indent=1))
+    (out / "gpu.md").write_text(report(result))
+    if result["offline"]:
+        plot(result, out / "gpu.png")
 
 
 if __name__ == "__main__":

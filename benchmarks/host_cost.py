@@ -6,9 +6,13 @@ dense-cache graph on the same model: Python graph building, then ``mx.async_eval
 """
 
 import argparse
+import collections
 import json
+import re
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +33,18 @@ def timed_steps(build, steps: int) -> dict:
         totals.append(time.perf_counter() - start)
     return {k: round(1e3 * statistics.median(v), 3)
             for k, v in (("build_ms", builds), ("async_eval_ms", issues), ("step_ms", totals))}
+
+
+def graph_ops(out) -> dict:
+    """Primitives in the graph that computes ``out``, by name (MLX's DOT export)."""
+    import mlx.core as mx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "graph.dot")
+        mx.export_to_dot(str(path), out)
+        names = re.findall(r'label ="([A-Za-z0-9_]+)', path.read_text())
+    counts = collections.Counter(names)
+    return {"total": sum(counts.values()), **dict(counts.most_common())}
 
 
 def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
@@ -71,7 +87,8 @@ def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
 
     timed_steps(mlx_lm_step, 3)
     timed_steps(plugin_step, 3)
-    result = {"batch": batch}
+    result = {"batch": batch, "ops_mlx_lm": graph_ops(mlx_lm_step()),
+              "ops_plugin": graph_ops(plugin_step())}
     for name, step in (("mlx_lm", mlx_lm_step), ("plugin", plugin_step),
                        ("mlx_lm_again", mlx_lm_step)):
         result[name] = timed_steps(step, steps)
