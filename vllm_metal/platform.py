@@ -17,6 +17,9 @@ class UnsupportedConfig(ValueError):
     pass
 
 
+_CHECKED = "_vllm_metal_checked"
+
+
 class MetalPlatform(Platform):
     _enum = PlatformEnum.OOT
     # torch device strings are built from this (vLLM's groups keep CPU tensors)
@@ -112,14 +115,17 @@ class MetalPlatform(Platform):
         vllm_config.scheduler_config.async_scheduling = False
 
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        setattr(vllm_config, _CHECKED, True)
 
     @classmethod
     def apply_config_platform_defaults(cls, vllm_config) -> None:
         # Runs before vLLM fills in its compilation and kernel defaults, so what is
-        # set here is what the user asked for.
+        # set here is what the user asked for; not when the engine process re-runs
+        # the checks on a configuration that has passed them (and holds those defaults).
         from vllm_metal.options import refused_options_set
 
-        _raise_for(refused_options_set(vllm_config, early=True))
+        if not getattr(vllm_config, _CHECKED, False):
+            _raise_for(refused_options_set(vllm_config, early=True))
 
     @classmethod
     def verify_quantization(cls, quant: str) -> None:
