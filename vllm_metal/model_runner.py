@@ -112,8 +112,11 @@ class MetalModelRunner:
 
     # ---- setup -------------------------------------------------------------
     def load_model(self) -> None:
+        from vllm_metal.models.hub import checkpoint_dir
+
         hf_config = self.model_config.hf_text_config
-        self.model = CausalLM(load_model(self.model_config.model, self.dtype, self._partition))
+        checkpoint = checkpoint_dir(self.vllm_config)
+        self.model = CausalLM(load_model(checkpoint, self.dtype, self._partition))
         if self.stage_layers is None:
             self.stage_layers = range(self.model.num_layers)
         arch = (self.model_config.architectures or [""])[0]

@@ -180,6 +180,7 @@ def refuse_unsupported(vllm_config) -> None:
             check_architecture(arch)
         if model.is_multimodal_model:
             problems.append("multimodal models (only text-only models are supported)")
+        _check_weights_present(model.model)
     spec = vllm_config.speculative_config
     if spec is not None and spec.method != "ngram":
         problems.append(f"--speculative-config method {spec.method!r} (only 'ngram' is supported)")
@@ -187,6 +188,16 @@ def refuse_unsupported(vllm_config) -> None:
         problems += parallel_problems(vllm_config)
     problems += worker_start_method_problems()
     _raise_for(problems)
+
+
+def _check_weights_present(model: str) -> None:
+    """A local directory (an offline hub snapshot too) must hold weights, or the
+    engine would fail only once its worker loads them."""
+    from vllm_metal.models.hub import ModelNotFound, missing_weights_message
+
+    missing = missing_weights_message(model, model)
+    if missing:
+        raise ModelNotFound(missing)
 
 
 def _raise_for(problems: list[str]) -> None:
