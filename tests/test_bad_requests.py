@@ -43,3 +43,18 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(server):
         again = complete(server, prompt="The river")
         assert again.status_code == 200, (name, server.tail())
         assert again.json()["choices"][0]["text"] == good.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("engine_input,params", [
+    ({"type": "embeds", "prompt_embeds": None}, {}),
+    ({"type": "token", "prompt_token_ids": [1, 2]}, {"thinking_token_budget": 4}),
+])
+def test_platform_refuses_what_the_runner_cannot_serve(engine_input, params):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_metal.platform import MetalPlatform
+
+    with pytest.raises(VLLMValidationError, match="vllm-metal"):
+        MetalPlatform.validate_request(engine_input, SamplingParams(**params))
+    MetalPlatform.validate_request({"type": "token", "prompt_token_ids": [1, 2]}, SamplingParams())

@@ -168,3 +168,25 @@ def test_spawn_start_method_is_accepted(tiny_model, monkeypatch):
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     engine_config(tiny_model("qwen3"))
     assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+
+
+def test_mp_executor_runs_a_single_rank(tiny_model):
+    from conftest import start_llm, stop_llm
+    from vllm import SamplingParams
+
+    llm = start_llm(tiny_model("qwen3"), distributed_executor_backend="mp")
+    try:
+        assert llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend == "mp"
+        out = llm.generate(["The river"], SamplingParams(max_tokens=4, temperature=0))
+    finally:
+        stop_llm(llm)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_docs_list_the_table():
+    from pathlib import Path
+
+    from vllm_metal.options import markdown_table
+
+    doc = Path(__file__).parent.parent / "docs" / "options.md"
+    assert doc.read_text() == markdown_table(), "run: python -m vllm_metal.options > docs/options.md"

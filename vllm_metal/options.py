@@ -556,3 +556,26 @@ def refused_options_set(vllm_config, early: bool) -> list[str]:
         if option.is_set(vllm_config, defaults.get(name, _DEFAULT)):
             problems.append(f"{flag(name)} ({option.why})")
     return problems
+
+
+def markdown_table() -> str:
+    """docs/options.md: refused options first, then the rest (``python -m vllm_metal.options``)."""
+    lines = [
+        "# vLLM options on vllm-metal",
+        "",
+        "Generated from `vllm_metal/options.py` by `python -m vllm_metal.options > docs/options.md`;",
+        "a test checks that this file matches the table. A refused option stops startup",
+        "with its flag and the reason when it is set to anything but vLLM's default.",
+        "Not applicable: the option acts only with a model kind or an option refused already.",
+        "",
+        "| option | status | why |",
+        "| --- | --- | --- |",
+    ]
+    order = {REFUSED: 0, HONOURED: 1, NOT_APPLICABLE: 2}
+    for name, option in sorted(OPTIONS.items(), key=lambda item: (order[item[1].status], item[0])):
+        lines.append(f"| `{flag(name)}` | {option.status} | {option.why} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
