@@ -139,3 +139,31 @@ def test_launcher_command_line():
     for option in ("--nnodes", "--node-rank", "--master-addr", "--master-port", "--headless",
                    "--tensor-parallel-size", "--pipeline-parallel-size"):
         assert option in done.stdout, option
+
+
+def test_option_and_request_contact():
+    """What the option table, the request check, the hub loader and the logits
+    processors use of vLLM."""
+    from vllm.config import (AttentionConfig, CompilationConfig, KernelConfig, LoadConfig,
+                             ModelConfig, VllmConfig)
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.exceptions import VLLMClientError, VLLMValidationError
+    from vllm.platforms.interface import Platform
+    from vllm.v1.sample.logits_processor import build_logitsprocs
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    for hook in ("apply_config_platform_defaults", "verify_quantization", "validate_request"):
+        assert hasattr(Platform, hook), hook
+    assert params(Platform.validate_request) >= {"processed_inputs", "params"}
+    assert callable(EngineArgs.create_engine_config)
+    assert fields(ModelConfig) >= {"logits_processors", "revision", "hf_token", "model",
+                                   "enable_prompt_embeds", "hf_overrides", "convert"}
+    assert fields(LoadConfig) >= {"download_dir", "load_format", "ignore_patterns"}
+    assert fields(VllmConfig) >= {"optimization_level", "compilation_config", "kernel_config",
+                                  "attention_config", "additional_config", "reasoning_config"}
+    assert fields(CompilationConfig) >= {"mode", "cudagraph_mode", "cudagraph_capture_sizes"}
+    assert fields(KernelConfig) >= {"ir_op_priority", "enable_jit_warmup"}
+    assert fields(AttentionConfig) >= {"backend"}
+    assert list(inspect.signature(build_logitsprocs).parameters)[4] == "custom_logitsprocs"
+    assert "logitsprocs_need_output_token_ids" in params(InputBatch.__init__)
+    assert issubclass(VLLMValidationError, VLLMClientError)  # the frontend answers 4xx

@@ -116,8 +116,11 @@ class MetalModelRunner:
 
     # ---- setup -------------------------------------------------------------
     def load_model(self) -> None:
+        from vllm_metal.models.hub import checkpoint_dir
+
         hf_config = self.model_config.hf_text_config
-        self.model = CausalLM(load_model(self.model_config.model, self.dtype, self._partition))
+        checkpoint = checkpoint_dir(self.vllm_config)
+        self.model = CausalLM(load_model(checkpoint, self.dtype, self._partition))
         if self.stage_layers is None:
             self.stage_layers = range(self.model.num_layers)
         arch = (self.model_config.architectures or [""])[0]
@@ -188,7 +191,9 @@ class MetalModelRunner:
             vocab_size=self.model_config.get_vocab_size(),
             block_sizes=[self.block_size],
             max_num_blocks_per_req=[-(-self.max_model_len // self.block_size)],
-            logitsprocs=build_logitsprocs(self.vllm_config, CPU, False, False, ()),
+            logitsprocs=build_logitsprocs(self.vllm_config, CPU, False, False,
+                                          self.model_config.logits_processors or ()),
+            logitsprocs_need_output_token_ids=bool(self.model_config.logits_processors),
             num_spec_tokens=self.num_spec_tokens,
             is_pooling_model=False,
         )
@@ -610,6 +615,8 @@ class MetalModelRunner:
         return drafts
 
     def _batch_is_plain_greedy(self) -> bool:
+        if self.model_config.logits_processors:
+            return False  # custom logits processors run in vLLM's sampler
         return all(_plain_greedy(self.requests[req_id].sampling_params)
                    for req_id in self.input_batch.req_ids)
 

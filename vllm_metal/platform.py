@@ -17,6 +17,9 @@ class UnsupportedConfig(ValueError):
     pass
 
 
+_CHECKED = "_vllm_metal_checked"
+
+
 class MetalPlatform(Platform):
     _enum = PlatformEnum.OOT
     # torch device strings are built from this (vLLM's groups keep CPU tensors)
@@ -89,7 +92,8 @@ class MetalPlatform(Platform):
         if parallel.worker_cls == "auto":
             parallel.worker_cls = "vllm_metal.worker.MetalWorker"
         if parallel.world_size == 1:
-            parallel.distributed_executor_backend = "uni"
+            if parallel.distributed_executor_backend is None:
+                parallel.distributed_executor_backend = "uni"
         else:
             # One worker process per rank; vLLM's control plane, MLX's collectives.
             parallel.distributed_executor_backend = "mp"
@@ -110,9 +114,33 @@ class MetalPlatform(Platform):
             vllm_config.model_config.enforce_eager = True
         _settle_async_scheduling(vllm_config)
 
-        # Neither Metal nor a thread pool that torch or MLX already started
-        # survives fork(): the engine process would hang on its first op.
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        setattr(vllm_config, _CHECKED, True)
+
+    @classmethod
+    def apply_config_platform_defaults(cls, vllm_config) -> None:
+        # Runs before vLLM fills in its compilation and kernel defaults, so what is
+        # set here is what the user asked for; not when the engine process re-runs
+        # the checks on a configuration that has passed them (and holds those defaults).
+        from vllm_metal.options import refused_options_set
+
+        if not getattr(vllm_config, _CHECKED, False):
+            _raise_for(refused_options_set(vllm_config, early=True))
+
+    @classmethod
+    def verify_quantization(cls, quant: str) -> None:
+        raise UnsupportedConfig(
+            f"vllm-metal (MLX platform) does not support: --quantization {quant} (from the "
+            "option or the checkpoint's quantization_config). The plugin reads MLX-quantized "
+            "safetensors and GGUF files by their own format: leave --quantization out, or set "
+            "VLLM_METAL_USE_MLX=0 to use vLLM's own platform."
+        )
+
+    @classmethod
+    def validate_request(cls, processed_inputs, params) -> None:
+        from vllm_metal.requests import check_request
+
+        check_request(processed_inputs, params)
 
     @classmethod
     def verify_model_arch(cls, model_arch: str) -> None:
@@ -149,10 +177,12 @@ def _settle_async_scheduling(vllm_config) -> None:
 
 
 def refuse_unsupported(vllm_config) -> None:
-    """Stop at startup for every option this platform would otherwise ignore."""
-    problems = []
+    """Stop at startup for every option this platform would otherwise ignore
+    (the table in vllm_metal.options), and for models it cannot run."""
+    from vllm_metal.options import refused_options_set
+
+    problems = refused_options_set(vllm_config, early=False)
     model = vllm_config.model_config
-    cache = vllm_config.cache_config
     parallel = vllm_config.parallel_config
     if model is not None:
         from vllm_metal.models.registry import check_architecture
@@ -161,29 +191,45 @@ def refuse_unsupported(vllm_config) -> None:
         for arch in model.architectures or []:
             check_architecture(arch)
             problems += window_problems(arch, model.hf_text_config)
-        if model.runner_type != "generate":
-            problems.append(f"--runner {model.runner_type} (only text generation is supported)")
         if model.is_multimodal_model:
             problems.append("multimodal models (only text-only models are supported)")
-    if cache.cache_dtype not in ("auto", None):
-        problems.append(f"--kv-cache-dtype {cache.cache_dtype} (the KV cache uses the model dtype)")
-    if vllm_config.lora_config is not None:
-        problems.append("--enable-lora (LoRA adapters are not supported)")
+        _check_weights_present(model.model)
     spec = vllm_config.speculative_config
     if spec is not None and spec.method != "ngram":
         problems.append(f"--speculative-config method {spec.method!r} (only 'ngram' is supported)")
-    if parallel.data_parallel_size > 1:
-        problems.append("--data-parallel-size above 1 (run one engine per machine)")
     if parallel.world_size > 1:
         problems += parallel_problems(vllm_config)
-    if vllm_config.kv_transfer_config is not None:
-        problems.append("--kv-transfer-config (KV connectors are not supported)")
+    problems += worker_start_method_problems()
+    _raise_for(problems)
+
+
+def _check_weights_present(model: str) -> None:
+    """A local directory (an offline hub snapshot too) must hold weights, or the
+    engine would fail only once its worker loads them."""
+    from vllm_metal.models.hub import ModelNotFound, missing_weights_message
+
+    missing = missing_weights_message(model, model)
+    if missing:
+        raise ModelNotFound(missing)
+
+
+def _raise_for(problems: list[str]) -> None:
     if problems:
         raise UnsupportedConfig(
             "vllm-metal (MLX platform) does not support: "
             + "; ".join(problems)
             + ". Remove these options, or set VLLM_METAL_USE_MLX=0 to use vLLM's own platform."
         )
+
+
+def worker_start_method_problems() -> list[str]:
+    # Neither Metal nor a thread pool that torch or MLX already started
+    # survives fork(): the engine process would hang on its first op.
+    method = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    if method == "spawn":
+        return []
+    return [f"VLLM_WORKER_MULTIPROC_METHOD={method} (MLX hangs in a forked process: "
+            "unset it or use spawn)"]
 
 
 def parallel_problems(vllm_config) -> list[str]:
@@ -194,13 +240,11 @@ def parallel_problems(vllm_config) -> list[str]:
     problems = []
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     backend = parallel.distributed_executor_backend
-    if backend not in (None, "mp") and not isinstance(backend, type):
+    if backend == "uni":
         problems.append(
-            f"--distributed-executor-backend {backend} (vllm-metal starts one process per rank "
-            "itself: leave the option out, or use python -m vllm_metal.launch across hosts)"
+            "--distributed-executor-backend uni with more than one rank (leave the option "
+            "out or use mp: one process per rank)"
         )
-    if parallel.prefill_context_parallel_size > 1 or parallel.decode_context_parallel_size > 1:
-        problems.append("context parallelism (only tensor and pipeline parallel are supported)")
     if pp > 1 and vllm_config.speculative_config is not None:
         # Under PP, vLLM 0.32's batch queue schedules a request's drafts while its
         # previous step is still in flight, in the position of a token only the
@@ -209,8 +253,6 @@ def parallel_problems(vllm_config) -> list[str]:
             "--speculative-config with --pipeline-parallel-size above 1 (n-gram drafts work "
             "with tensor parallel; drop one of the two)"
         )
-    if parallel.enable_expert_parallel:
-        problems.append("--enable-expert-parallel (MoE experts are split by tensor parallelism)")
     if envs.VLLM_METAL_DISTRIBUTED_BACKEND == "ring":
         layout = ring_layout_problem(tp, pp)
         if layout:

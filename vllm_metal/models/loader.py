@@ -66,12 +66,21 @@ def load_model(model_path: str, torch_dtype: torch.dtype, transform=None) -> nn.
 def _load_hf_directory(path: Path, dtype: mx.Dtype, dequantize: bool):
     from mlx_lm.utils import dequantize_model, load_model as mlx_lm_load_model
 
-    model, config = mlx_lm_load_model(path, lazy=True)
+    model, config = mlx_lm_load_model(path, lazy=True, get_model_classes=_classes_by_architecture)
     quantized = "quantization" in config
     if quantized and dequantize:
         model = dequantize_model(model)
     cast_floating_weights(model, dtype)
     return model, quantized
+
+
+def _classes_by_architecture(config: dict):
+    """The mlx-lm module the registry names for the checkpoint's architecture, as vLLM
+    picks its model by architecture (mlx-lm itself would follow ``model_type``)."""
+    from vllm_metal.models.registry import model_classes
+
+    architectures = config.get("architectures") or [""]
+    return model_classes(architectures[0])
 
 
 def cast_floating_weights(model: nn.Module, dtype: mx.Dtype) -> None:

@@ -29,3 +29,13 @@ def check_architecture(arch: str) -> None:
             + ", ".join(sorted(SUPPORTED_ARCHITECTURES))
             + ". Set VLLM_METAL_USE_MLX=0 to use vLLM's own platform instead."
         )
+
+
+def model_classes(arch: str):
+    """mlx-lm's Model and ModelArgs for ``arch``: the module this table names, as vLLM
+    picks its model class by architecture (mlx-lm's own choice follows model_type)."""
+    import importlib
+
+    check_architecture(arch)
+    module = importlib.import_module(f"mlx_lm.models.{SUPPORTED_ARCHITECTURES[arch]}")
+    return module.Model, module.ModelArgs
