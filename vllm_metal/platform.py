@@ -167,12 +167,14 @@ class MetalPlatform(Platform):
 
 def _settle_async_scheduling(vllm_config) -> None:
     """vLLM turns asynchronous scheduling on wherever it can. The runner overlaps
-    one rank's steps; with several ranks each step's tokens are exchanged on the
-    host, so the ranks run the steps one after another."""
+    steps in the in-process executor only: with several ranks each step's tokens
+    are exchanged on the host, and vLLM's multiprocess executor reads a step's
+    output on a thread of its own, where MLX must not be driven."""
     scheduler = vllm_config.scheduler_config
-    if scheduler.async_scheduling and vllm_config.parallel_config.world_size > 1:
-        logger.info("vllm-metal: asynchronous scheduling runs with one rank only; "
-                    "off for tensor/pipeline parallel")
+    backend = vllm_config.parallel_config.distributed_executor_backend
+    if scheduler.async_scheduling and backend != "uni":
+        logger.info("vllm-metal: asynchronous scheduling runs with the in-process executor "
+                    "(one rank) only; off with --distributed-executor-backend %s", backend)
         scheduler.async_scheduling = False
 
 
