@@ -7,7 +7,7 @@
 For each model shape (random bf16 weights, written here): mlx-lm's plain decode
 loop, the plugin's offline ``LLM.generate`` and mlx-lm again (A B A: the
 machine drifts), at each batch size; the plugin with asynchronous scheduling
-off as well (the overlap's share); the bandwidth limit (weight bytes over the
+off and with ``--enforce-eager`` as well (each feature's share); the bandwidth limit (weight bytes over the
 measured copy rate); the plugin's host time per step from VLLM_METAL_DEBUG's
 step lines. Then ``vllm serve`` against ``mlx_lm.server`` through
 ``vllm bench serve`` at several concurrencies. Writes ``benchmarks/results/gpu.md``,
@@ -29,7 +29,9 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"qwen3-0.6b": ("qwen3", (1, 8, 32)), "llama-3-8b": ("llama", (1, 8, 12)),
           "tiny": ("qwen3", (1, 4))}  # tiny: the smoke test's, on any machine
-SYNC_VARIANT_SHAPES = ("qwen3-0.6b", "tiny")
+# The plugin as users get it, and with one feature off, to show each one's share.
+VARIANTS = {"default": {}, "sync": {"async_scheduling": False}, "eager": {"enforce_eager": True}}
+VARIANT_SHAPES = ("qwen3-0.6b", "tiny")  # shapes that also run the variants beside the default
 PROMPT_LEN, NEW_TOKENS = 32, 128
 KV_CACHE_BYTES = 8 << 30
 CONCURRENCIES = (1, 8, 32)
@@ -99,14 +101,14 @@ def output_to(path: Path):
             os.close(copy)
 
 
-def start_plugin(model_dir: Path, max_batch: int, async_scheduling: bool, log: Path):
+def start_plugin(model_dir: Path, max_batch: int, options: dict, log: Path):
     from vllm import LLM
 
     os.environ["VLLM_METAL_DEBUG"] = "1"
     with output_to(log):
         return LLM(str(model_dir), dtype="bfloat16", max_model_len=1024, seed=0,
                    max_num_seqs=max(max_batch, 8), kv_cache_memory_bytes=KV_CACHE_BYTES,
-                   async_scheduling=async_scheduling)
+                   **options)
 
 
 def plugin_tokens_per_s(llm, batch_prompts: list[list[int]], log: Path) -> float:
@@ -158,7 +160,8 @@ def copy_rate_gb_s() -> float:
     return 2 * buffer.nbytes / best / 1e9
 
 
-def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float) -> list[dict]:
+def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float,
+            variants: list[str]) -> list[dict]:
     import mlx.core as mx
     from mlx_lm import load
 
@@ -170,26 +173,26 @@ def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float) -> list[d
     weights = weight_bytes(model)
     mlx_lm_tokens_per_s(model, prompts(1, vocab))  # first-call costs
     rows = []
-    variants = [True] + ([False] if shape in SYNC_VARIANT_SHAPES else [])
+    names = ["default"] + ([v for v in variants if v != "default"] if shape in VARIANT_SHAPES else [])
     engines = {}
-    for async_on in variants:
-        log = logs / f"{shape}-{'async' if async_on else 'sync'}.log"
-        engines[async_on] = (start_plugin(model_dir, max(batches), async_on, log), log)
-        plugin_tokens_per_s(engines[async_on][0], prompts(2, vocab, seed=1), log)  # warm-up
+    for name in names:
+        log = logs / f"{shape}-{name}.log"
+        engines[name] = (start_plugin(model_dir, max(batches), VARIANTS[name], log), log)
+        plugin_tokens_per_s(engines[name][0], prompts(2, vocab, seed=1), log)  # warm-up
     for batch in batches:
         batch_prompts = prompts(batch, vocab)
         row = {"shape": shape, "batch": batch, "weights_gb": round(weights / 1e9, 2),
                "limit_tok_s": round(batch * rate_gb_s * 1e9 / weights, 1)}
         row["mlx_lm_a"] = mlx_lm_tokens_per_s(model, batch_prompts)
-        for async_on, (llm, log) in engines.items():
-            key = "plugin" if async_on else "plugin_sync"
+        for name, (llm, log) in engines.items():
+            key = "plugin" if name == "default" else f"plugin_{name}"
             row[key] = plugin_tokens_per_s(llm, batch_prompts, log)
             row[f"{key}_steps_ms"] = step_timings(log, batch)
         row["mlx_lm_b"] = mlx_lm_tokens_per_s(model, batch_prompts)
         mlx_lm = (row["mlx_lm_a"] + row["mlx_lm_b"]) / 2
         row["ratio"] = row["plugin"] / mlx_lm
-        if "plugin_sync" in row:
-            row["ratio_sync"] = row["plugin_sync"] / mlx_lm
+        for name in names[1:]:
+            row[f"ratio_{name}"] = row[f"plugin_{name}"] / mlx_lm
         rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
         print(json.dumps(rows[-1]), flush=True)
     for llm, _ in engines.values():
@@ -233,19 +236,21 @@ def report(result: dict) -> str:
              f"again; ratio = plugin / mean of the two mlx-lm runs. Copy rate "
              f"{result['copy_gb_s']:.0f} GB/s; limit = batch x copy rate / weight bytes.", "",
              "## Offline decode, tok/s", "",
-             "| shape | batch | mlx-lm (A / A') | plugin, async | ratio | plugin, sync | ratio | "
-             "limit | plugin % of limit |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| shape | batch | mlx-lm (A / A') | plugin | ratio | plugin, sync | ratio | "
+             "plugin, eager | ratio | limit | plugin % of limit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["offline"]:
         lines.append(
             f"| {r['shape']} | {r['batch']} | {fmt(r['mlx_lm_a'])} / {fmt(r['mlx_lm_b'])} | "
             f"{fmt(r['plugin'])} | {fmt(r['ratio'], 2)} | {fmt(r.get('plugin_sync'))} | "
-            f"{fmt(r.get('ratio_sync'), 2)} | {fmt(r['limit_tok_s'])} | "
+            f"{fmt(r.get('ratio_sync'), 2)} | {fmt(r.get('plugin_eager'))} | "
+            f"{fmt(r.get('ratio_eager'), 2)} | {fmt(r['limit_tok_s'])} | "
             f"{100 * r['plugin'] / r['limit_tok_s']:.0f}% |")
     lines += ["", "## The plugin's host time per decode step (median ms, VLLM_METAL_DEBUG)", "",
-              "| shape | batch | scheduling | step parts |", "| --- | --- | --- | --- |"]
+              "| shape | batch | variant | step parts |", "| --- | --- | --- | --- |"]
     for r in result["offline"]:
-        for key, name in (("plugin_steps_ms", "async"), ("plugin_sync_steps_ms", "sync")):
+        for key, name in (("plugin_steps_ms", "default"), ("plugin_sync_steps_ms", "sync"),
+                          ("plugin_eager_steps_ms", "eager")):
             if r.get(key):
                 parts = ", ".join(f"{k} {v}" for k, v in r[key].items())
                 lines.append(f"| {r['shape']} | {r['batch']} | {name} | {parts} |")
@@ -269,9 +274,10 @@ def plot(result: dict, path: Path) -> None:
     rows = result["offline"]
     labels = [f"{r['shape']}\nbatch {r['batch']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
-    ax.bar(range(len(rows)), [r["ratio"] for r in rows], label="async (default)")
-    sync = [r.get("ratio_sync") or 0 for r in rows]
-    ax.scatter(range(len(rows)), sync, color="black", marker="_", s=400, label="sync")
+    ax.bar(range(len(rows)), [r["ratio"] for r in rows], label="default")
+    for name, color in (("sync", "black"), ("eager", "red")):
+        ax.scatter(range(len(rows)), [r.get(f"ratio_{name}") or 0 for r in rows], color=color,
+                   marker="_", s=400, label=name)
     ax.axhline(1.0, color="gray", linestyle="--")
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylabel("plugin tok/s / mlx-lm tok/s")
@@ -286,6 +292,7 @@ def main() -> None:
                         default=["qwen3-0.6b", "llama-3-8b"])
     parser.add_argument("--parts", nargs="+", choices=("offline", "online"),
                         default=["offline", "online"])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "vllm-metal-gpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -304,7 +311,8 @@ def main() -> None:
     for shape in args.shapes:
         model_dir = write_model(shape, args.models)
         if "offline" in args.parts:
-            result["offline"] += offline(shape, model_dir, logs, result["copy_gb_s"])
+            result["offline"] += offline(shape, model_dir, logs, result["copy_gb_s"],
+                                         args.variants)
             save(result, args.out, started)  # a run cut short keeps what it measured
     if "online" in args.parts:
         result["online_shape"] = args.shapes[0]

@@ -37,6 +37,7 @@ from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
 from vllm_metal import envs
 from vllm_metal.async_output import PLACEHOLDER, InFlightTokens, MetalAsyncOutput
+from vllm_metal.attention.decode_graph import DecodeGraphs
 from vllm_metal.attention.paged import BatchPlan, PagedKVCache
 from vllm_metal.models.adapter import CausalLM
 from vllm_metal.models.loader import load_model, mx_dtype
@@ -97,6 +98,8 @@ class MetalModelRunner:
         self.model: CausalLM | None = None
         self.grouped_mask = False
         self.kv_cache: PagedKVCache | None = None
+        self.layer_windows: list[int | None] = []
+        self.decode_graphs: DecodeGraphs | None = None
         self.input_batch: InputBatch | None = None
         self.step_state: StepState | None = None
         # Asynchronous scheduling: the last step's greedy tokens, still on the device.
@@ -128,6 +131,7 @@ class MetalModelRunner:
                              self.model_config.get_total_num_kv_heads() != hf_config.num_attention_heads)
         windows = layer_windows(arch, hf_config)
         use_layer_windows(self.model.backbone, windows)
+        self.layer_windows = windows
         if any(windows):
             logger.info("Sliding windows per layer: %s", windows)
 
@@ -183,6 +187,12 @@ class MetalModelRunner:
             dtype=mx_dtype(self.dtype),
             own_layers=self.stage_layers,
         )
+        # Compiled decode steps: one rank (collectives stay outside traced graphs),
+        # unless --enforce-eager.
+        self.decode_graphs = None
+        if self.parallel is None and not self.model_config.enforce_eager:
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.layer_windows,
+                                              self.grouped_mask)
         self.input_batch = InputBatch(
             max_num_reqs=self.max_num_reqs,
             max_model_len=self.max_model_len,
@@ -401,6 +411,9 @@ class MetalModelRunner:
                  int(batch.num_prompt_tokens[row]))
                 for i, row in enumerate(group.rows)])
         block_table = batch.block_table[0].get_numpy_array()[rows]
+        if self.decode_graphs is not None and L == 1 and not any(
+                batch.req_ids[row] in self.num_prompt_logprobs for row in group.rows):
+            return self.decode_graphs.logits(tokens, block_table, np.asarray(group.starts))
         plan = BatchPlan.build(block_table, group.starts, qlens, self.block_size,
                                self.num_kv_heads, self.grouped_mask)
         hidden = self.model.hidden_states(tokens, self.kv_cache.layer_views(plan))

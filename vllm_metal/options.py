@@ -415,7 +415,7 @@ OPTIONS: dict[str, Option] = {
     "stream_interval": vllm(),
 
     # ---- compilation and kernels: nothing is compiled, MLX runs eagerly
-    "enforce_eager": plugin("the model always runs eagerly"),
+    "enforce_eager": plugin("decode steps run eagerly instead of as compiled MLX graphs"),
     "optimization_level": refused("nothing is compiled here: use -O0 or leave it out",
                                   _optimization_level),
     "performance_mode": refused("it tunes CUDA graphs and kernels, which are not used here",

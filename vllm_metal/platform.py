@@ -110,8 +110,6 @@ class MetalPlatform(Platform):
         compilation.mode = CompilationMode.NONE
         compilation.cudagraph_mode = CUDAGraphMode.NONE
         compilation.cudagraph_capture_sizes = []
-        if vllm_config.model_config is not None:
-            vllm_config.model_config.enforce_eager = True
         _settle_async_scheduling(vllm_config)
 
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
