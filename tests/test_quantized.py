@@ -60,7 +60,7 @@ WEIGHTS_AND_KV_BYTES = 256 * 1024**2
 def fraction_granting(nbytes: int) -> str:
     import psutil
 
-    from vllm_metal.worker import ACTIVATION_RESERVE_BYTES
+    from vllm_metal.memory import ACTIVATION_RESERVE_BYTES
 
     return repr((nbytes + ACTIVATION_RESERVE_BYTES) / psutil.virtual_memory().total)
 
