@@ -46,7 +46,7 @@ def test_bad_setting_names_the_variable(monkeypatch, name, bad):
 def test_settings_defaults(monkeypatch):
     for name in envs.SETTINGS:
         monkeypatch.delenv(name, raising=False)
-    assert envs.VLLM_METAL_MEMORY_FRACTION == 0.9
+    assert envs.VLLM_METAL_MEMORY_FRACTION is None  # auto: --gpu-memory-utilization
     assert envs.VLLM_METAL_BLOCK_SIZE == 16
     assert envs.VLLM_METAL_USE_MLX is True
     assert envs.VLLM_MLX_DEVICE == "gpu"

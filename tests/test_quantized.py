@@ -60,7 +60,7 @@ WEIGHTS_AND_KV_BYTES = 256 * 1024**2
 def fraction_granting(nbytes: int) -> str:
     import psutil
 
-    from vllm_metal.worker import ACTIVATION_RESERVE_BYTES
+    from vllm_metal.memory import ACTIVATION_RESERVE_BYTES
 
     return repr((nbytes + ACTIVATION_RESERVE_BYTES) / psutil.virtual_memory().total)
 
@@ -88,7 +88,8 @@ def test_kv_capacity_is_what_the_weights_leave(quantized, tiny_model, monkeypatc
     monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", fraction_granting(WEIGHTS_AND_KV_BYTES))
     blocks, expected = {}, {}
     for name, path in (("dense", tiny_model("qwen3")), ("q4", quantized("qwen3", 4))):
-        llm = LLM(path, max_model_len=256, dtype="float32")
+        # 256 requests of 4096 tokens could fill more than the grant: the grant binds.
+        llm = LLM(path, max_model_len=4096, dtype="float32")
         try:
             blocks[name] = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
         finally:

@@ -4,7 +4,7 @@
 | --- | --- | --- |
 | VLLM_METAL_USE_MLX | 1 | 0 switches the plugin off; vLLM then picks its own platform |
 | VLLM_MLX_DEVICE | gpu | gpu or cpu; gpu falls back to cpu (with a log line) where MLX has no GPU |
-| VLLM_METAL_MEMORY_FRACTION | 0.9 | share of the machine's memory this engine may use for weights + KV cache (`--kv-cache-memory-bytes` overrides) |
+| VLLM_METAL_MEMORY_FRACTION | auto | share of the device's memory (Metal: the GPU's recommended working set; CUDA: the GPU's memory; CPU: the machine's) this engine may use for weights, KV cache and activations; auto: `--gpu-memory-utilization` (vLLM's default 0.92), the same setting; `--kv-cache-memory-bytes` overrides both (see Memory) |
 | VLLM_METAL_BLOCK_SIZE | 16 | tokens per KV-cache block (vLLM's `--block-size` wins when given) |
 | VLLM_METAL_DEBUG | 0 | 1 logs each step's batch composition and timings |
 | VLLM_METAL_DEQUANTIZE | auto | auto, 1 or 0: dequantize quantized weights at load (auto: only on the CPU device, where MLX's quantized kernels are slow) |
@@ -70,6 +70,20 @@ def _fraction(name: str) -> Callable[[str], float]:
     return _number(name, lambda v: 0.0 < v <= 1.0, "a number in (0, 1], e.g. 0.7")
 
 
+def _fraction_or_auto(name: str) -> Callable[[str], float | None]:
+    fraction = _fraction(name)
+
+    def parse(raw: str) -> float | None:
+        if raw.strip().lower() == "auto":
+            return None
+        try:
+            return fraction(raw)
+        except SettingError:
+            raise SettingError(f"{name}={raw!r}: use auto or a number in (0, 1], e.g. 0.7")
+
+    return parse
+
+
 def _block_size(name: str) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         if not raw.strip().isdigit() or int(raw) not in (8, 16, 32, 64, 128, 256):
@@ -92,9 +106,9 @@ _SETTINGS = [
     Setting("VLLM_MLX_DEVICE", "gpu", _choice("VLLM_MLX_DEVICE", ("gpu", "cpu")), "MLX device"),
     Setting(
         "VLLM_METAL_MEMORY_FRACTION",
-        "0.9",
-        _fraction("VLLM_METAL_MEMORY_FRACTION"),
-        "memory share for weights + KV cache",
+        "auto",
+        _fraction_or_auto("VLLM_METAL_MEMORY_FRACTION"),
+        "memory share for weights + KV cache + activations (None: --gpu-memory-utilization)",
     ),
     Setting("VLLM_METAL_BLOCK_SIZE", "16", _block_size("VLLM_METAL_BLOCK_SIZE"), "KV block size"),
     Setting("VLLM_METAL_DEBUG", "0", _flag("VLLM_METAL_DEBUG"), "debug logging"),

@@ -178,6 +178,7 @@ class MetalModelRunner:
 
     def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
         num_blocks = kv_cache_config.num_blocks
+        start = time.perf_counter()
         self.kv_cache = PagedKVCache(
             num_layers=self.model.num_layers,
             num_blocks=num_blocks,
@@ -187,6 +188,7 @@ class MetalModelRunner:
             dtype=mx_dtype(self.dtype),
             own_layers=self.stage_layers,
         )
+        allocated_in = time.perf_counter() - start
         # Compiled decode steps: one rank (collectives stay outside traced graphs),
         # unless --enforce-eager.
         self.decode_graphs = None
@@ -208,11 +210,12 @@ class MetalModelRunner:
             is_pooling_model=False,
         )
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GB)",
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GB), allocated in %.2f s",
             num_blocks,
             self.block_size,
             num_blocks * self.block_size,
             num_blocks * self.kv_bytes_per_block() / 1e9,
+            allocated_in,
         )
 
     def warm_up(self) -> None:

@@ -349,8 +349,12 @@ OPTIONS: dict[str, Option] = {
 
     # ---- memory and KV cache
     "block_size": plugin("the paged KV cache's block size (VLLM_METAL_BLOCK_SIZE when unset)"),
-    "gpu_memory_utilization": plugin("the KV cache budget"),
-    "kv_cache_memory_bytes": plugin("the KV cache size"),
+    "gpu_memory_utilization": plugin("the share of the device's memory (Metal: the GPU's "
+                                     "recommended working set; CUDA: the GPU's; CPU: the "
+                                     "machine's) for weights, KV cache and activations; "
+                                     "VLLM_METAL_MEMORY_FRACTION is the same setting (both set "
+                                     "to different values stops startup)"),
+    "kv_cache_memory_bytes": plugin("the KV cache size (refused past the memory available now)"),
     "num_gpu_blocks_override": vllm("vLLM sizes the KV cache to it"),
     "enable_prefix_caching": vllm("vLLM's KV cache manager; the runner computes only the "
                                   "uncached tokens"),

@@ -11,20 +11,13 @@ import socket
 import time
 
 import psutil
+from vllm.config import CacheConfig
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
-from vllm_metal import envs
+from vllm_metal import envs, memory
 from vllm_metal.device import describe, keep_heap_between_steps, select_device
 
 logger = logging.getLogger("vllm.metal")
-
-# Room kept free for activations and temporaries of a forward pass.
-ACTIVATION_RESERVE_BYTES = 512 * 1024**2
-
-
-class KVCacheMemoryError(RuntimeError):
-    pass
-
 
 class MetalWorker(WorkerBase):
     def init_device(self) -> None:
@@ -101,16 +94,35 @@ class MetalWorker(WorkerBase):
         return ["LBHNC"]
 
     def determine_available_memory(self) -> int:
+        """Bytes for this rank's KV cache (vllm_metal.memory has the rule), decided
+        before anything of it is allocated."""
+        view = memory.read_memory_view()
+        demand = self._memory_demand()
         explicit = self.cache_config.kv_cache_memory_bytes
         if explicit is not None:
+            memory.check_explicit_size(view, demand, int(explicit))
             return int(explicit)
-        return kv_cache_budget(
+        fraction = memory.memory_fraction(self.cache_config.gpu_memory_utilization,
+                                          CacheConfig.gpu_memory_utilization)
+        budget = memory.kv_cache_budget(view, demand, fraction)
+        logger.info("vllm-metal: KV cache budget %.2f GB, limited by %s",
+                    budget.nbytes / 1e9, budget.limited_by)
+        return budget.nbytes
+
+    def _memory_demand(self) -> memory.Demand:
+        block_size = self.cache_config.block_size
+        return memory.Demand(
             weights=_weights_bytes(self.model_runner),
             block_bytes=self.model_runner.kv_bytes_per_block(),
+            blocks_per_request=-(-self.model_config.max_model_len // block_size),
+            max_num_seqs=self.scheduler_config.max_num_seqs,
             ranks_on_host=self.parallel_config.local_world_size,
         )
 
     def initialize_from_config(self, kv_cache_config) -> None:
+        resident = (_weights_bytes(self.model_runner) + memory.ACTIVATION_RESERVE_BYTES
+                    + kv_cache_config.num_blocks * self.model_runner.kv_bytes_per_block())
+        memory.keep_resident(memory.read_memory_view(), resident)
         self.model_runner.initialize_kv_cache(kv_cache_config)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
@@ -181,31 +193,6 @@ def _weights_bytes(runner) -> int:
     from vllm_metal.models.loader import weight_bytes
 
     return weight_bytes(runner.model.model)
-
-
-def kv_cache_budget(weights: int, block_bytes: int, ranks_on_host: int = 1) -> int:
-    """Bytes for the KV cache: this rank's part (ranks on one host split it) of the
-    configured share of the machine's memory, less its weights and a reserve for
-    activations, and never more than is free now."""
-    fraction = envs.VLLM_METAL_MEMORY_FRACTION
-    memory = psutil.virtual_memory()
-    budget = int(memory.total * fraction) // ranks_on_host - weights - ACTIVATION_RESERVE_BYTES
-    free_now = memory.available // ranks_on_host - ACTIVATION_RESERVE_BYTES
-    if budget > free_now:
-        logger.warning(
-            "VLLM_METAL_MEMORY_FRACTION=%.2f asks for %.1f GB of KV cache but only %.1f GB "
-            "is free; using what is free",
-            fraction, budget / 1e9, free_now / 1e9,
-        )
-        budget = free_now
-    if budget < block_bytes:
-        raise KVCacheMemoryError(
-            f"No memory is left for the KV cache: {memory.total / 1e9:.1f} GB total, "
-            f"VLLM_METAL_MEMORY_FRACTION={fraction} gives {memory.total * fraction / 1e9:.1f} GB, "
-            f"weights take {weights / 1e9:.1f} GB. Raise VLLM_METAL_MEMORY_FRACTION, pass "
-            "--kv-cache-memory-bytes, or use a smaller (or quantized) model."
-        )
-    return budget
 
 
 def _use_interface_of(host_ip: str) -> None:
