@@ -45,6 +45,16 @@ def tiny_model(tmp_path_factory):
     return make
 
 
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """vLLM's config sets process-wide variables (an external_launcher backend sets
+    VLLM_ENABLE_V1_MULTIPROCESSING=0): no test may leave them to the next."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def start_llm(model: str, **kwargs):
     from vllm import LLM
 
