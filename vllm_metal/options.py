@@ -100,7 +100,7 @@ def _unreadable_load_format(vllm_config, default) -> bool:
 
 def _unsupported_executor(vllm_config, default) -> bool:
     backend = vllm_config.parallel_config.distributed_executor_backend
-    return not (backend in (None, "uni", "mp") or isinstance(backend, type))
+    return not (backend in (None, "uni", "mp", "ray") or isinstance(backend, type))
 
 
 def _compilation_requested(vllm_config, default) -> bool:
@@ -274,8 +274,8 @@ OPTIONS: dict[str, Option] = {
 
     # ---- parallelism and processes
     "distributed_executor_backend": refused(
-        "uni and mp run here; ray is not supported yet (use vLLM's mp backend, or "
-        "python -m vllm_metal.launch across hosts), nor external_launcher",
+        "uni, mp and ray run here (ray: one worker per `mlx` resource unit, see "
+        "docs/distributed.md); external_launcher does not",
         _unsupported_executor),
     "pipeline_parallel_size": plugin("pipeline stages over mx.distributed"),
     "tensor_parallel_size": plugin("tensor shards over mx.distributed"),
@@ -290,7 +290,9 @@ OPTIONS: dict[str, Option] = {
     "numa_bind_nodes": not_applicable("--numa-bind only, which is refused"),
     "numa_bind_cpus": not_applicable("--numa-bind only, which is refused"),
     "device_ids": refused("there is one MLX device per process (VLLM_MLX_DEVICE picks it)",
-                          _given_at("parallel_config.assigned_physical_gpu_ids")),
+                          # early: the Ray executor sets the field itself, later
+                          _given_at("parallel_config.assigned_physical_gpu_ids"),
+                          early=True),
     "prefill_context_parallel_size": refused(
         "only tensor and pipeline parallel run here",
         _above("parallel_config.prefill_context_parallel_size", 1)),
@@ -340,7 +342,8 @@ OPTIONS: dict[str, Option] = {
     "_api_process_rank": vllm("API server processes"),
     "disable_custom_all_reduce": plugin("vLLM's custom all-reduce is never used here"),
     "enable_shm_tensor_arena": vllm("vLLM's executor broadcast"),
-    "ray_workers_use_nsight": not_applicable("the Ray executor is refused"),
+    "ray_workers_use_nsight": refused("nsight profiles CUDA kernels; MLX's are not",
+                                      _true_at("parallel_config.ray_workers_use_nsight")),
     "worker_cls": vllm("a worker class given here replaces the plugin's"),
     "worker_extension_cls": vllm(),
     "enable_fault_tolerance": refused("the worker has no fault recovery",

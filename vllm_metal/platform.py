@@ -91,13 +91,19 @@ class MetalPlatform(Platform):
         parallel = vllm_config.parallel_config
         if parallel.worker_cls == "auto":
             parallel.worker_cls = "vllm_metal.worker.MetalWorker"
-        if parallel.world_size == 1:
+        if parallel.distributed_executor_backend == "ray":
+            from vllm_metal.distributed.ray_executor import MetalRayExecutor
+
+            # A class, not its name: vLLM treats the engine as a Ray one by the
+            # class's uses_ray.
+            parallel.distributed_executor_backend = MetalRayExecutor
+        elif parallel.world_size == 1:
             if parallel.distributed_executor_backend is None:
                 parallel.distributed_executor_backend = "uni"
-        else:
+        elif parallel.distributed_executor_backend is None:
             # One worker process per rank; vLLM's control plane, MLX's collectives.
             parallel.distributed_executor_backend = "mp"
-            parallel.disable_custom_all_reduce = True
+        parallel.disable_custom_all_reduce = True
 
         cache = vllm_config.cache_config
         if not cache.user_specified_block_size:
@@ -170,6 +176,8 @@ def _settle_async_scheduling(vllm_config) -> None:
     output on a thread of its own, where MLX must not be driven."""
     scheduler = vllm_config.scheduler_config
     backend = vllm_config.parallel_config.distributed_executor_backend
+    if vllm_config.parallel_config.use_ray:
+        backend = "ray"
     if scheduler.async_scheduling and backend != "uni":
         logger.info("vllm-metal: asynchronous scheduling runs with the in-process executor "
                     "(one rank) only; off with --distributed-executor-backend %s", backend)
@@ -200,7 +208,17 @@ def refuse_unsupported(vllm_config) -> None:
     if parallel.world_size > 1:
         problems += parallel_problems(vllm_config)
     problems += worker_start_method_problems()
+    problems += ray_problems(parallel)
     _raise_for(problems)
+
+
+def ray_problems(parallel) -> list[str]:
+    if parallel.distributed_executor_backend != "ray":
+        return []
+    from vllm_metal.distributed import ray_executor
+
+    return [problem for problem in (ray_executor.ray_missing_message(),
+                                    ray_executor.legacy_executor_message()) if problem]
 
 
 def _check_weights_present(model: str) -> None:

@@ -52,9 +52,17 @@ class MetalWorker(WorkerBase):
 
         parallel = self.parallel_config
         multi_node = parallel.nnodes > 1
-        host_ip = get_ip() if multi_node else "127.0.0.1"
-        if multi_node:
+        if parallel.use_ray:
+            from vllm_metal.distributed.ray_executor import node_address
+
+            # Ray's nodes are hosts of their own, whatever vLLM's nnodes says.
+            host_ip = node_address()
+            _use_interface_of(host_ip, replace=True)
+        elif multi_node:
+            host_ip = get_ip()
             _use_interface_of(host_ip)
+        else:
+            host_ip = "127.0.0.1"
         if multi_node and parallel.node_rank > 0:
             _wait_for_coordinator(self.rank, parallel.master_addr, parallel.master_port)
         init_distributed_environment(
@@ -116,7 +124,8 @@ class MetalWorker(WorkerBase):
             block_bytes=self.model_runner.kv_bytes_per_block(),
             blocks_per_request=-(-self.model_config.max_model_len // block_size),
             max_num_seqs=self.scheduler_config.max_num_seqs,
-            ranks_on_host=self.parallel_config.local_world_size,
+            ranks_on_host=(self.model_parallel.ranks_on_host if self.model_parallel
+                           else 1),
         )
 
     def initialize_from_config(self, kv_cache_config) -> None:
@@ -195,10 +204,11 @@ def _weights_bytes(runner) -> int:
     return weight_bytes(runner.model.model)
 
 
-def _use_interface_of(host_ip: str) -> None:
+def _use_interface_of(host_ip: str, replace: bool = False) -> None:
     """gloo binds the interface its hostname resolves to unless told otherwise;
-    point it at the one that carries this host's address."""
-    if "GLOO_SOCKET_IFNAME" in os.environ:
+    point it at the one that carries this host's address (``replace``: also over
+    a setting that came from another host's environment)."""
+    if "GLOO_SOCKET_IFNAME" in os.environ and not replace:
         return
     for name, addresses in psutil.net_if_addrs().items():
         if any(a.family == socket.AF_INET and a.address == host_ip for a in addresses):

@@ -84,6 +84,7 @@ def start_model_parallel(topology: Topology, host_ip: str, all_gather_object,
         {info["rank"]: (info["host"], info["liveness_port"])
          for info in everyone if info["rank"] != topology.rank},
         multi_host,
+        ranks_on_host=sum(info["host"] == host_ip for info in everyone),
     )
     logger.info(
         "vllm-metal: rank %d joined the MLX %s group (TP rank %d of %d, PP stage %d of %d)",

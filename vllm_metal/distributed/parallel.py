@@ -96,9 +96,11 @@ class ModelParallel:
     """The collectives one rank's model and runner use."""
 
     def __init__(self, topology: Topology, group, mlx_rank_of: dict[int, int],
-                 peer_addresses: dict[int, tuple[str, int]], multi_host: bool = False):
+                 peer_addresses: dict[int, tuple[str, int]], multi_host: bool = False,
+                 ranks_on_host: int = 1):
         self.topology = topology
         self.multi_host = multi_host
+        self.ranks_on_host = ranks_on_host  # ranks sharing this host's memory
         self.group = group
         self.mlx_rank_of = mlx_rank_of
         self.peer_addresses = peer_addresses  # rank -> liveness (host, port)
