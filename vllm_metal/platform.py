@@ -215,10 +215,10 @@ def refuse_unsupported(vllm_config) -> None:
 def ray_problems(parallel) -> list[str]:
     if parallel.distributed_executor_backend != "ray":
         return []
-    from vllm_metal.distributed import ray_executor
+    from vllm_metal.distributed import ray_cluster
 
-    return [problem for problem in (ray_executor.ray_missing_message(),
-                                    ray_executor.legacy_executor_message()) if problem]
+    return [problem for problem in (ray_cluster.ray_missing_message(),
+                                    ray_cluster.legacy_executor_message()) if problem]
 
 
 def _check_weights_present(model: str) -> None:

@@ -53,7 +53,7 @@ class MetalWorker(WorkerBase):
         parallel = self.parallel_config
         multi_node = parallel.nnodes > 1
         if parallel.use_ray:
-            from vllm_metal.distributed.ray_executor import node_address
+            from vllm_metal.distributed.ray_cluster import node_address
 
             # Ray's nodes are hosts of their own, whatever vLLM's nnodes says.
             host_ip = node_address()

@@ -36,11 +36,13 @@ def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float, log_
 
 class Server:
     def __init__(self, args: list[str], env: dict | None = None, log_path: Path | None = None,
-                 command: list[str] | None = None, cwd: Path | None = None):
+                 command: list[str] | None = None, cwd: Path | None = None,
+                 host: str = "127.0.0.1"):
         self.port = free_port()
+        self.host = host
         vllm = Path(sys.executable).with_name("vllm")
         self.command = (command or [str(vllm), "serve"]) + args + [
-            "--host", "127.0.0.1", "--port", str(self.port)]
+            "--host", host, "--port", str(self.port)]
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path
         self.cwd = cwd
@@ -48,7 +50,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 240.0) -> "Server":
         self.log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
