@@ -104,6 +104,38 @@ def test_default_decodes_as_fast_as_a_small_cache_and_leaves_a_quarter_free(tiny
     assert low.lowest >= 0.25 * TOTAL, f"{low.lowest / GiB:.1f} GiB available at the lowest"
 
 
+def served_decode_speeds(model: str, tmp_path, *args: str, rounds: int = 3) -> list[float]:
+    """Decode tokens/s of one completion at a time from `vllm serve MODEL *args`."""
+    import requests
+
+    from vllm_metal.testing.server import Server
+
+    with Server([model, *args], log_path=tmp_path / "serve.log") as server:
+        def one() -> float:
+            start = time.perf_counter()
+            response = requests.post(server.url + "/v1/completions", json={
+                "model": model, "prompt": "Anna went to Paris and", **DECODE}, timeout=120)
+            response.raise_for_status()
+            assert response.json()["usage"]["completion_tokens"] == DECODE["max_tokens"]
+            return DECODE["max_tokens"] / (time.perf_counter() - start)
+
+        one()  # MLX's first-call setup
+        return [one() for _ in range(rounds)]
+
+
+def test_served_default_decodes_as_fast_as_a_small_cache_and_leaves_a_quarter_free(
+        tiny_model, tmp_path):
+    """`vllm serve MODEL` as typed, against the same with a 256 MB cache (A B A)."""
+    model = tiny_model("qwen3", **WIDE_KV)
+    with AvailableMemoryLow() as low:
+        default = served_decode_speeds(model, tmp_path)
+        small = served_decode_speeds(model, tmp_path, "--kv-cache-memory-bytes", "256M")
+        default += served_decode_speeds(model, tmp_path)
+    speeds = {"default": default, "small": small}
+    assert statistics.median(default) >= 0.9 * statistics.median(small), speeds
+    assert low.lowest >= 0.25 * TOTAL, f"{low.lowest / GiB:.1f} GiB available at the lowest"
+
+
 def test_beside_a_program_holding_40_percent_the_cache_is_smaller_and_serves(tiny_model, capfd):
     from conftest import stop_llm
     from vllm import LLM, SamplingParams
