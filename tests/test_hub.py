@@ -74,6 +74,11 @@ if __name__ == "__main__":
         out["config-only"] = "started"
     except Exception as error:
         out["config-only"] = str(error)
+    try:
+        EngineArgs(model="tiny-org/absent", dtype="float32").create_engine_config()
+        out["absent"] = "started"
+    except Exception as error:
+        out["absent"] = f"{type(error).__name__}: {error}"
     print("RESULT " + json.dumps(out))
 """
 
@@ -93,3 +98,7 @@ def test_engine_serves_each_revision_from_the_cache(hub_cache, tmp_path):
     assert result["None"] != result["v2"]
     assert "no model*.safetensors weights" in result["config-only"]
     assert "hf download" in result["config-only"]
+    # Missing from the cache: vLLM resolves the id before the platform, the plugin names it.
+    assert result["absent"].startswith("ModelNotFound: vllm-metal cannot find model "
+                                       "'tiny-org/absent' in the Hugging Face cache"), result
+    assert "hf download tiny-org/absent" in result["absent"]

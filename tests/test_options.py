@@ -46,6 +46,8 @@ REFUSED_EXAMPLES = {
     "diffusion_config": {"diffusion_config": {"canvas_length": 8}},
     "distributed_executor_backend": {"distributed_executor_backend": "external_launcher"},
     "numa_bind": {"numa_bind": True},
+    "ray_workers_use_nsight": {"ray_workers_use_nsight": True,
+                               "distributed_executor_backend": "ray"},
     "device_ids": {"device_ids": [0]},
     "prefill_context_parallel_size": {"prefill_context_parallel_size": 2},
     "decode_context_parallel_size": {"decode_context_parallel_size": 2,
@@ -150,12 +152,17 @@ def test_refused_option_stops_startup_naming_it(tiny_model, name):
     {"compilation_config": {"mode": 0, "cudagraph_mode": "NONE"}},
     {"load_format": "safetensors"},
     {"distributed_executor_backend": "mp"},
+    {"distributed_executor_backend": "ray"},
     {"reasoning_parser": "qwen3"},
 ])
 def test_settings_the_platform_runs_anyway_are_accepted(tiny_model, options):
     config = engine_config(tiny_model("qwen3"), **options)
-    if "distributed_executor_backend" in options:
-        assert config.parallel_config.distributed_executor_backend == "mp"
+    backend = config.parallel_config.distributed_executor_backend
+    if options.get("distributed_executor_backend") == "mp":
+        assert backend == "mp"
+    if options.get("distributed_executor_backend") == "ray":
+        # vLLM's Ray executor with this plugin's worker class (tests/test_ray.py runs it)
+        assert backend.__name__ == "MetalRayExecutor" and config.parallel_config.use_ray
 
 
 def test_fork_start_method_is_refused(tiny_model, monkeypatch):

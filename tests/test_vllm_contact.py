@@ -99,10 +99,53 @@ def test_structured_output_and_logitsprocs():
     assert order[:4] == ["vllm_config", "device", "is_pin_memory", "is_pooling_model"]
 
 
-@pytest.mark.parametrize("group", ["vllm.platform_plugins"])
-def test_entry_point_registered(group):
+@pytest.mark.parametrize("group,name,value", [
+    ("vllm.platform_plugins", "metal", "vllm_metal:register"),
+    ("vllm.general_plugins", "metal_startup_messages", "vllm_metal.startup_messages:install"),
+])
+def test_entry_point_registered(group, name, value):
     names = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=group)}
-    assert names.get("metal") == "vllm_metal:register"
+    assert names.get(name) == value
+
+
+def test_startup_message_contact():
+    """vllm_metal.startup_messages wraps two functions vLLM calls before any platform
+    hook: the hub-id resolution in EngineArgs.__post_init__ (right after the general
+    plugins load) and the Ray check in ParallelConfig's validator."""
+    from vllm.config import parallel
+    from vllm.engine import arg_utils
+    from vllm.v1.executor import ray_utils
+
+    post_init = inspect.getsource(arg_utils.EngineArgs.__post_init__)
+    assert post_init.index("load_general_plugins()") < post_init.index("get_model_path(")
+    assert params(arg_utils.get_model_path) == {"model", "revision"}
+    assert "ray_utils.assert_ray_available()" in inspect.getsource(parallel.ParallelConfig)
+    assert callable(ray_utils.assert_ray_available) and hasattr(ray_utils, "ray")
+
+
+def test_ray_executor_contact():
+    """vllm_metal.distributed.ray_executor subclasses vLLM's Ray executor V2, swaps the
+    worker class it instantiates, bounds its placement-group wait, and extends its
+    actors' runtime env."""
+    from vllm import envs as vllm_envs
+    from vllm.v1.executor import ray_executor_v2, ray_utils
+
+    init = inspect.getsource(ray_executor_v2.RayExecutorV2._init_executor)
+    assert "ray.remote(RayWorkerProc)" in init
+    assert "initialize_ray_cluster(self.parallel_config, require_gpu_on_driver=False)" in init
+    assert "self._build_runtime_env()" in init
+    assert "get_node_and_physical_gpu_ids" in init
+    worker = ray_executor_v2.RayWorkerProc
+    assert params(worker.get_node_and_physical_gpu_ids) == {"self"}
+    assert "ray.util.get_node_ip_address()" in inspect.getsource(worker.create_dist_init_method)
+    assert ray_utils.PG_WAIT_TIMEOUT == 1800
+    assert "PG_WAIT_TIMEOUT" in inspect.getsource(ray_utils._wait_until_pg_ready)
+    assert ray_executor_v2.RayExecutorV2.uses_ray and ray_executor_v2.RayExecutorV2.supports_pp
+    assert hasattr(vllm_envs, "VLLM_USE_RAY_V2_EXECUTOR_BACKEND")
+    from vllm.config import ParallelConfig
+
+    assert {"ray_runtime_env", "placement_group"} <= fields(ParallelConfig)
+    assert isinstance(ParallelConfig.use_ray, property)
 
 
 def test_distributed_contact():
