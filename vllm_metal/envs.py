@@ -11,6 +11,7 @@
 | VLLM_METAL_BLAS | auto | auto or a path: the BLAS library MLX's CPU device uses for float32 (auto: the system OpenBLAS when present) |
 | VLLM_METAL_DISTRIBUTED_BACKEND | ring | ring or jaccl: the mx.distributed backend for tensor/pipeline parallel collectives (ring: TCP; jaccl: RDMA over Thunderbolt) |
 | VLLM_METAL_CONNECT_TIMEOUT | 30 | seconds a rank waits to reach the coordinator (rank 0's --master-addr:--master-port) before giving up |
+| VLLM_METAL_PEER_TIMEOUT | 3 | seconds a rank of a TP/PP engine waits for a silent peer's heartbeat (a stopped or hung process, a link down) before it stops the engine |
 
 A bad value stops startup with a message naming the variable and what it accepts.
 """
@@ -127,6 +128,8 @@ _SETTINGS = [
     ),
     Setting("VLLM_METAL_CONNECT_TIMEOUT", "30", _seconds("VLLM_METAL_CONNECT_TIMEOUT"),
             "coordinator connect timeout"),
+    Setting("VLLM_METAL_PEER_TIMEOUT", "3", _seconds("VLLM_METAL_PEER_TIMEOUT"),
+            "silent peer timeout"),
 ]
 SETTINGS = {s.name: s for s in _SETTINGS}
 

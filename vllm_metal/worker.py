@@ -138,6 +138,8 @@ class MetalWorker(WorkerBase):
         start = time.perf_counter()
         self.model_runner.warm_up()
         logger.info("Warm-up forward took %.2f s", time.perf_counter() - start)
+        if self.model_parallel is not None:
+            self.model_parallel.watch_peers(envs.VLLM_METAL_PEER_TIMEOUT)
         return CompilationTimes(language_model=0.0, encoder=0.0)
 
     def update_max_model_len(self, max_model_len: int) -> None:

@@ -1,7 +1,7 @@
 """Start the MLX group from vLLM's control plane.
 
 vLLM's workers already share a gloo group. Over it every rank publishes its
-address, a free port for MLX's ring and a liveness port, and its software
+address, a free port for MLX's ring and a heartbeat port, and its software
 versions; then each rank writes the same ring hostfile and joins the MLX group.
 """
 
@@ -10,10 +10,10 @@ import logging
 import os
 import socket
 import tempfile
-import threading
 from importlib.metadata import version
 
 from vllm_metal import envs
+from vllm_metal.distributed.heartbeat import serve_heartbeat
 from vllm_metal.distributed.parallel import DistributedError, ModelParallel, Topology, ring_order
 
 logger = logging.getLogger("vllm.metal")
@@ -36,12 +36,14 @@ def start_model_parallel(topology: Topology, host_ip: str, all_gather_object,
     import mlx.core as mx
 
     backend = envs.VLLM_METAL_DISTRIBUTED_BACKEND
-    liveness_port = _serve_liveness(host_ip)
+    liveness_port = serve_heartbeat(host_ip)
     mine = {
         "rank": topology.rank,
         "host": host_ip,
         "ring_port": _free_port(host_ip),
         "liveness_port": liveness_port,
+        "pid": os.getpid(),
+        "machine": _machine_id(),
         "versions": software_versions(),
     }
     everyone = sorted(all_gather_object(mine), key=lambda info: info["rank"])
@@ -85,6 +87,9 @@ def start_model_parallel(topology: Topology, host_ip: str, all_gather_object,
          for info in everyone if info["rank"] != topology.rank},
         multi_host,
         ranks_on_host=sum(info["host"] == host_ip for info in everyone),
+        local_pids={info["rank"]: info["pid"] for info in everyone
+                    if info["rank"] != topology.rank and info["machine"] == mine["machine"]
+                    and info["host"] == host_ip},
     )
     logger.info(
         "vllm-metal: rank %d joined the MLX %s group (TP rank %d of %d, PP stage %d of %d)",
@@ -116,21 +121,12 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _serve_liveness(host: str) -> int:
-    """A port that accepts connections while this process lives, so a rank that
-    loses a peer can name which one is gone."""
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((host, 0))
-    server.listen(16)
+def _machine_id() -> str:
+    """Tells whether two ranks share a machine (and so a process table)."""
+    return f"{socket.gethostname()}:{_boot_time()}"
 
-    def accept_forever():
-        while True:
-            try:
-                conn, _ = server.accept()
-                conn.close()
-            except OSError:
-                return
 
-    threading.Thread(target=accept_forever, daemon=True, name="vllm-metal-liveness").start()
-    return server.getsockname()[1]
+def _boot_time() -> float:
+    import psutil
+
+    return psutil.boot_time()

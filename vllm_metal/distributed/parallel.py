@@ -16,11 +16,12 @@ it runs TP alone or PP alone.
 """
 
 import logging
-import socket
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+
+from vllm_metal.distributed.heartbeat import PeerWatch, answers
 
 logger = logging.getLogger("vllm.metal")
 
@@ -97,13 +98,14 @@ class ModelParallel:
 
     def __init__(self, topology: Topology, group, mlx_rank_of: dict[int, int],
                  peer_addresses: dict[int, tuple[str, int]], multi_host: bool = False,
-                 ranks_on_host: int = 1):
+                 ranks_on_host: int = 1, local_pids: dict[int, int] | None = None):
         self.topology = topology
         self.multi_host = multi_host
         self.ranks_on_host = ranks_on_host  # ranks sharing this host's memory
+        self.local_pids = local_pids or {}  # peers on this host: rank -> pid
         self.group = group
         self.mlx_rank_of = mlx_rank_of
-        self.peer_addresses = peer_addresses  # rank -> liveness (host, port)
+        self.peer_addresses = peer_addresses  # rank -> heartbeat (host, port)
         self.step = 0
 
     # ---- tensor parallel ---------------------------------------------------
@@ -183,26 +185,26 @@ class ModelParallel:
         return arrays[0] if len(arrays) == 1 else arrays
 
     def lost_rank_message(self, error) -> str:
-        lost = [r for r, address in self.peer_addresses.items() if not _alive(address)]
+        lost = [r for r, address in self.peer_addresses.items() if not answers(address)]
         who = (", ".join(f"rank {r} ({self.peer_addresses[r][0]})" for r in lost)
                if lost else "a peer rank")
-        restart = ("run python -m vllm_metal.launch again" if self.multi_host
-                   else "start vllm serve again")
         return (
             f"rank {self.topology.rank} lost contact with {who} at step {self.step} "
-            f"({error}). The engine stops: check that rank's host, then {restart}."
+            f"({error}). The engine stops: check that rank's host, then {self.restart_hint}."
         )
+
+    @property
+    def restart_hint(self) -> str:
+        return ("run python -m vllm_metal.launch again" if self.multi_host
+                else "start vllm serve again")
+
+    def watch_peers(self, timeout: float) -> None:
+        """From now on, a peer silent for ``timeout`` seconds stops this rank."""
+        PeerWatch(self.topology.rank, self.peer_addresses, timeout, self.restart_hint,
+                  self.local_pids).start()
 
 
 def _split64(value: int) -> list[int]:
     value &= (1 << 64) - 1
     hi, lo = value >> 32, value & 0xFFFFFFFF
     return [hi - (1 << 32) if hi >= 1 << 31 else hi, lo - (1 << 32) if lo >= 1 << 31 else lo]
-
-
-def _alive(address: tuple[str, int]) -> bool:
-    try:
-        with socket.create_connection(address, timeout=2.0):
-            return True
-    except OSError:
-        return False
