@@ -26,6 +26,8 @@ from vllm_metal.distributed.hostfile import Hostfile, HostfileError, read_hostfi
 
 PREFLIGHT_TIMEOUT_S = 60
 RANK0_GRACE_S = 6
+STOP_GRACE_S = 10
+FAILED_STOP_GRACE_S = 2
 
 
 class LaunchError(RuntimeError):
@@ -200,12 +202,12 @@ def check_reports(model: str, hostfile: Hostfile, reports: list[dict]) -> list[s
 def run(args, hostfile: Hostfile) -> int:
     processes: list[subprocess.Popen] = []
 
-    def stop_all() -> None:
+    def stop_all(grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM to every host's process group (also where its leader has exited:
-        its children may not have), SIGKILL after 10 s."""
+        its children may not have), SIGKILL after ``grace_s``."""
         for p in processes:
             _signal_group(p, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + grace_s
         for p in processes:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
@@ -235,6 +237,9 @@ def run(args, hostfile: Hostfile) -> int:
                         # Rank 0 notices the lost rank itself: let it fail the open
                         # requests and say which rank is gone before it is stopped.
                         _wait_quietly(processes[0], RANK0_GRACE_S)
+                    # The engine has failed: a rank that is stopped or hung would hold
+                    # its host's orderly shutdown for the full grace.
+                    stop_all(FAILED_STOP_GRACE_S)
                     return code or (1 if node_rank else 0)
             time.sleep(0.2)
     except KeyboardInterrupt:

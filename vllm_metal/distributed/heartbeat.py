@@ -101,5 +101,19 @@ class PeerWatch:
             # for seconds; on this host it can be ended now.
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+        _stop_engine_process()
         logging.shutdown()
         os._exit(1)
+
+
+def _stop_engine_process() -> None:
+    """The engine may be waiting for the silent rank's output on a socket that its
+    own failure handling does not wake (a rank on another host): where this rank
+    is the engine process's worker, end the engine too, and the API server fails
+    the open requests and exits at once."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        parent = psutil.Process().parent()
+        if parent is not None and parent.name().startswith("VLLM::EngineCore"):
+            parent.kill()
