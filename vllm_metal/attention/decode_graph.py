@@ -23,7 +23,7 @@ from vllm_metal.attention.paged import (
     LayerCache,
     PagedKVCache,
     block_rows,
-    key_rows,
+    read_index,
     write_index,
 )
 
@@ -37,8 +37,8 @@ class DecodeInputs:
     """One decode step's addresses, padded to its bucket."""
 
     offsets: mx.array  # [Bp] position of each row's new token
-    write_rows: mx.array  # [Bp, H, 1] pool row of each new key/value (see write_index)
-    read_blocks: mx.array  # [Bp, H, Np] first pool row of each block-head read
+    write_rows: mx.array  # [2 * Bp, H, 1] pool row of each new key, then value
+    read_blocks: mx.array  # [Bp, H, Np] first key row of each block-head read
     masks: list[mx.array]  # one per window: [Bp, 1, 1, Np * block_size] (one more axis: grouped)
 
 
@@ -59,9 +59,9 @@ class DecodeGraphs:
             tokens = mx.concatenate([tokens, mx.zeros((rows - batch, 1), tokens.dtype)])
         inputs = self._inputs(block_tables, positions, rows)
         kv = self.kv
-        logits, kv.keys, kv.values = self._step(
+        logits, kv.pools = self._step(
             tokens, inputs.offsets, inputs.write_rows, inputs.read_blocks, inputs.masks,
-            kv.keys, kv.values)
+            kv.pools)
         return logits[:batch] if rows > batch else logits
 
     def _inputs(self, block_tables: np.ndarray, positions: np.ndarray, rows: int) -> DecodeInputs:
@@ -86,24 +86,20 @@ class DecodeGraphs:
             masks.append(mx.array(allowed.reshape(shape)))
         return DecodeInputs(
             offsets=mx.array(pos.astype(np.int32)),
-            write_rows=write_index(write),
+            write_rows=write_index(write, heads, bs),
             read_blocks=mx.array(block_rows(tables, heads, bs).astype(np.int32)),
             masks=masks,
         )
 
-    def _forward(self, tokens, offsets, write_rows, read_blocks, masks, keys, values):
-        pools = _Pools(list(keys), list(values))
-        plan = _StepPlan(offsets, write_rows, key_rows(read_blocks, self.kv.block_size),
+    def _forward(self, tokens, offsets, write_rows, read_blocks, masks, pools):
+        pools = list(pools)
+        read_keys, read_values = read_index(read_blocks, self.kv.num_kv_heads,
+                                            self.kv.block_size)
+        plan = _StepPlan(offsets, write_rows, read_keys, read_values,
                          dict(zip(self.windows, masks)))
         hidden = self.model.hidden_states(tokens, [LayerCache(pools, i, plan)
-                                                   for i in range(len(keys))])
-        return self.model.logits(hidden[:, -1]), pools.keys, pools.values
-
-
-@dataclass
-class _Pools:
-    keys: list
-    values: list
+                                                   for i in range(len(pools))])
+        return self.model.logits(hidden[:, -1]), pools
 
 
 @dataclass
@@ -112,7 +108,8 @@ class _StepPlan:
 
     offsets: mx.array
     write_rows: mx.array
-    read_rows: mx.array
+    read_keys: mx.array
+    read_values: mx.array
     masks: dict
 
     def layer_mask(self, window_size: int | None, return_array: bool) -> mx.array:

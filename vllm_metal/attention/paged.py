@@ -1,14 +1,19 @@
 """Paged KV cache in MLX arrays, addressed by vLLM's block tables.
 
-Each layer owns a key pool and a value pool of shape
-``[num_blocks * kv_heads * block_size, head_dim]``: block ``b`` holds, for each
-KV head ``h``, its ``block_size`` positions in the consecutive rows from
-``(b * kv_heads + h) * block_size``. A step writes its new keys with one scatter
-to a ``[B, kv_heads, L]`` array of rows, and reads the context with one gather
-of a ``[B, kv_heads, S]`` array of rows, which gives the ``[B, kv_heads, S,
-head_dim]`` layout attention wants with no transposing copy (on MLX's CPU device
-such a copy cost more than the attention itself) and no reshapes: every layer's
-read and write is two primitives each, and the row arrays are built once a step.
+Each layer owns one pool of shape ``[num_blocks * 2 * kv_heads * block_size,
+head_dim]`` for its keys and values: block ``b`` holds the ``block_size``
+positions of key head ``h`` in the consecutive rows from ``(b * 2 * kv_heads +
+h) * block_size``, and those of value head ``h`` ``kv_heads * block_size`` rows
+further on. A step writes its new keys and values with one scatter (of the two
+stacked) to a ``[2B, kv_heads, L]`` array of rows, and reads the context with one
+gather of a ``[B, kv_heads, S]`` array of rows each for keys and values, which
+gives the ``[B, kv_heads, S, head_dim]`` layout attention wants with no
+transposing copy (on MLX's CPU device such a copy cost more than the attention
+itself) and no reshapes. The row arrays are built once a step, for all layers;
+each layer then costs seven primitives (a concatenation, a reshape, a scatter,
+two gathers, two squeezes), where separate key and value pools took eight to
+ten and reshaped block-sized gathers sixteen. That host cost per primitive, not
+the arithmetic, limits a decode step on a GPU.
 Block 0 is vLLM's null block, never handed to a request: padded query positions
 write there and padded key positions read from there (always masked out).
 
@@ -35,46 +40,45 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.num_kv_heads = num_kv_heads
-        shape = (num_blocks * num_kv_heads * block_size, head_dim)
+        shape = (num_blocks * 2 * num_kv_heads * block_size, head_dim)
         own = set(range(num_layers) if own_layers is None else own_layers)
-        self.keys = [mx.zeros(shape, dtype=dtype) if i in own else None for i in range(num_layers)]
-        self.values = [mx.zeros(shape, dtype=dtype) if i in own else None
-                       for i in range(num_layers)]
-        mx.eval([k for k in self.keys if k is not None], [v for v in self.values if v is not None])
+        self.pools = [mx.zeros(shape, dtype=dtype) if i in own else None
+                      for i in range(num_layers)]
+        mx.eval([p for p in self.pools if p is not None])
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, itemsize) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
 
     def layer_views(self, plan: "BatchPlan") -> list["LayerCache"]:
-        return [LayerCache(self, i, plan) for i in range(len(self.keys))]
+        return [LayerCache(self.pools, i, plan) for i in range(len(self.pools))]
 
 
 def block_rows(tables: np.ndarray, num_kv_heads: int, block_size: int) -> np.ndarray:
-    """Block ids ``[B, n]`` -> ``[B, kv_heads, n]``: the first pool row of each block's head."""
+    """Block ids ``[B, n]`` -> ``[B, kv_heads, n]``: the first pool row of each
+    block's key head (its value head's is ``kv_heads * block_size`` on)."""
     heads = np.arange(num_kv_heads)[None, :, None]
-    return (tables[:, None, :] * num_kv_heads + heads) * block_size
+    return (tables[:, None, :] * 2 * num_kv_heads + heads) * block_size
 
 
-def key_rows(first_rows: mx.array, block_size: int) -> mx.array:
-    """``[B, H, n]`` first rows of the blocks read -> ``[B, H, n * block_size]``: the
-    pool row of every key position (built once a step, for all layers)."""
+def write_index(key_rows: np.ndarray, num_kv_heads: int, block_size: int) -> mx.array:
+    """Pool rows ``[B, H, L]`` of the new keys -> ``[2B, H, L]``: those of the keys,
+    then of the values (``concatenate([keys, values])`` is written to them)."""
+    rows = np.concatenate([key_rows, key_rows + num_kv_heads * block_size])
+    return mx.array(rows.astype(np.int32))
+
+
+def read_index(first_rows: mx.array, num_kv_heads: int, block_size: int,
+               num_keys: int | None = None):
+    """``[B, H, n]`` first key rows of the blocks read -> the pool rows ``[B, H,
+    num_keys]`` (all ``n * block_size`` by default) of every key position, and of
+    every value position. Built on the device once a step, for all layers."""
     B, H, n = first_rows.shape
     offsets = mx.arange(block_size, dtype=first_rows.dtype)
-    return (first_rows[..., None] + offsets).reshape(B, H, n * block_size)
-
-
-def write_index(rows: np.ndarray) -> mx.array:
-    """Pool rows ``[B, H, L]`` of the new keys, less leading axes of length 1.
-
-    Assigning mlx-lm's ``[B, H, L, D]`` keys to ``pool[index]`` drops the keys'
-    leading axes of length 1 and broadcasts them to the index's shape; an index
-    of the same leading shape makes that a no-op (one reshape, one scatter).
-    """
-    lead = 0
-    while lead < rows.ndim - 1 and rows.shape[lead] == 1:
-        lead += 1
-    return mx.array(rows.reshape(rows.shape[lead:]).astype(np.int32))
+    keys = (first_rows[..., None] + offsets).reshape(B, H, n * block_size)
+    if num_keys is not None and num_keys < n * block_size:
+        keys = keys[..., :num_keys]
+    return keys, keys + num_kv_heads * block_size
 
 
 @dataclass
@@ -82,8 +86,9 @@ class BatchPlan:
     """Where one padded group of requests reads and writes the cache."""
 
     offsets: mx.array  # [B] position of each request's first new token
-    write_rows: mx.array  # [B, H, L] pool row of each (padded) new token (see write_index)
-    read_rows: mx.array  # [B, H, S] pool row of each key position
+    write_rows: mx.array  # [2B, H, L] pool row of each (padded) new key, then value
+    read_keys: mx.array  # [B, H, S] pool row of each key position
+    read_values: mx.array  # [B, H, S] pool row of each value position
     query_pos: np.ndarray  # [B, L] absolute position of each query
     context_lens: np.ndarray  # [B] tokens of context after this step
     grouped_mask: bool  # mask shaped [B, 1, 1, L, S] for grouped-query scores
@@ -112,13 +117,14 @@ class BatchPlan:
         width = min(num_read, tables.shape[1])
         read[:, :width] = tables[:, :width]
         read[np.arange(num_read)[None, :] * block_size >= ctx[:, None]] = NULL_BLOCK
-        rows = key_rows(mx.array(block_rows(read, num_kv_heads, block_size).astype(np.int32)),
-                        block_size)
+        first_rows = mx.array(block_rows(read, num_kv_heads, block_size).astype(np.int32))
+        read_keys, read_values = read_index(first_rows, num_kv_heads, block_size, S)
 
         return cls(
             offsets=mx.array(start.astype(np.int32)),
-            write_rows=write_index(write),
-            read_rows=rows if S == num_read * block_size else rows[..., :S],
+            write_rows=write_index(write, num_kv_heads, block_size),
+            read_keys=read_keys,
+            read_values=read_values,
             query_pos=query_pos,
             context_lens=ctx,
             grouped_mask=grouped_mask,
@@ -152,10 +158,10 @@ class BatchPlan:
 class LayerCache:
     """mlx-lm's cache protocol for one layer, backed by the paged pools.
 
-    ``pools``: anything with per-layer ``keys`` and ``values`` lists (the
-    ``PagedKVCache``, or the traced pools of a compiled step); ``plan``: a
+    ``pools``: the per-layer pools (``PagedKVCache.pools``, or the traced pools
+    of a compiled step); ``plan``: a
     ``BatchPlan`` or anything with its ``offsets``, ``write_rows``,
-    ``read_rows`` and ``layer_mask``.
+    ``read_keys``, ``read_values`` and ``layer_mask``.
     """
 
     def __init__(self, pools, layer: int, plan):
@@ -170,13 +176,12 @@ class LayerCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """``keys``/``values``: [B, H, L, D] -> the context's [B, H, S, D]."""
         pools, i, plan = self.pools, self.layer, self.plan
-        key_pool, value_pool = pools.keys[i], pools.values[i]
-        if key_pool is None:
+        pool = pools[i]
+        if pool is None:
             raise RuntimeError(f"layer {i} has no KV pool on this rank")
-        key_pool[plan.write_rows] = keys
-        value_pool[plan.write_rows] = values
-        pools.keys[i], pools.values[i] = key_pool, value_pool
-        return key_pool[plan.read_rows], value_pool[plan.read_rows]
+        pool[plan.write_rows] = mx.concatenate([keys, values])
+        pools[i] = pool
+        return pool[plan.read_keys], pool[plan.read_values]
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         return self.plan.layer_mask(window_size, return_array)
