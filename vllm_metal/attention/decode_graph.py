@@ -23,8 +23,8 @@ from vllm_metal.attention.paged import (
     LayerCache,
     PagedKVCache,
     block_rows,
-    read_index,
-    write_index,
+    position_rows,
+    with_values,
 )
 
 
@@ -38,7 +38,7 @@ class DecodeInputs:
 
     offsets: mx.array  # [Bp] position of each row's new token
     write_rows: mx.array  # [2 * Bp, H, 1] pool row of each new key, then value
-    read_blocks: mx.array  # [Bp, H, Np] first key row of each block-head read
+    read_blocks: mx.array  # [2 * Bp, H, Np] first row of each block-head read, keys then values
     masks: list[mx.array]  # one per window: [Bp, 1, 1, Np * block_size] (one more axis: grouped)
 
 
@@ -86,16 +86,14 @@ class DecodeGraphs:
             masks.append(mx.array(allowed.reshape(shape)))
         return DecodeInputs(
             offsets=mx.array(pos.astype(np.int32)),
-            write_rows=write_index(write, heads, bs),
-            read_blocks=mx.array(block_rows(tables, heads, bs).astype(np.int32)),
+            write_rows=with_values(write, heads, bs),
+            read_blocks=with_values(block_rows(tables, heads, bs), heads, bs),
             masks=masks,
         )
 
     def _forward(self, tokens, offsets, write_rows, read_blocks, masks, pools):
         pools = list(pools)
-        read_keys, read_values = read_index(read_blocks, self.kv.num_kv_heads,
-                                            self.kv.block_size)
-        plan = _StepPlan(offsets, write_rows, read_keys, read_values,
+        plan = _StepPlan(offsets, write_rows, position_rows(read_blocks, self.kv.block_size),
                          dict(zip(self.windows, masks)))
         hidden = self.model.hidden_states(tokens, [LayerCache(pools, i, plan)
                                                    for i in range(len(pools))])
@@ -108,8 +106,7 @@ class _StepPlan:
 
     offsets: mx.array
     write_rows: mx.array
-    read_keys: mx.array
-    read_values: mx.array
+    read_rows: mx.array
     masks: dict
 
     def layer_mask(self, window_size: int | None, return_array: bool) -> mx.array:

@@ -6,14 +6,14 @@ positions of key head ``h`` in the consecutive rows from ``(b * 2 * kv_heads +
 h) * block_size``, and those of value head ``h`` ``kv_heads * block_size`` rows
 further on. A step writes its new keys and values with one scatter (of the two
 stacked) to a ``[2B, kv_heads, L]`` array of rows, and reads the context with one
-gather of a ``[B, kv_heads, S]`` array of rows each for keys and values, which
-gives the ``[B, kv_heads, S, head_dim]`` layout attention wants with no
+gather of a ``[2B, kv_heads, S]`` array of rows (keys', then values'), split in
+two views of the ``[B, kv_heads, S, head_dim]`` layout attention wants: no
 transposing copy (on MLX's CPU device such a copy cost more than the attention
 itself) and no reshapes. The row arrays are built once a step, for all layers;
-each layer then costs seven primitives (a concatenation, a reshape, a scatter,
-two gathers, two squeezes), where separate key and value pools took eight to
-ten and reshaped block-sized gathers sixteen. That host cost per primitive, not
-the arithmetic, limits a decode step on a GPU.
+each layer then costs six primitives (concatenate, reshape, scatter, gather,
+squeeze, split), where separate key and value pools took eight to ten and
+reshaped block-sized gathers sixteen. That host cost per primitive, not the
+arithmetic, limits a decode step on a GPU.
 Block 0 is vLLM's null block, never handed to a request: padded query positions
 write there and padded key positions read from there (always masked out).
 
@@ -61,24 +61,23 @@ def block_rows(tables: np.ndarray, num_kv_heads: int, block_size: int) -> np.nda
     return (tables[:, None, :] * 2 * num_kv_heads + heads) * block_size
 
 
-def write_index(key_rows: np.ndarray, num_kv_heads: int, block_size: int) -> mx.array:
-    """Pool rows ``[B, H, L]`` of the new keys -> ``[2B, H, L]``: those of the keys,
-    then of the values (``concatenate([keys, values])`` is written to them)."""
+def with_values(key_rows: np.ndarray, num_kv_heads: int, block_size: int) -> mx.array:
+    """Pool rows ``[B, ...]`` of keys -> ``[2B, ...]``: those rows, then the same
+    positions' value rows (the layout ``concatenate([keys, values])`` has)."""
     rows = np.concatenate([key_rows, key_rows + num_kv_heads * block_size])
     return mx.array(rows.astype(np.int32))
 
 
-def read_index(first_rows: mx.array, num_kv_heads: int, block_size: int,
-               num_keys: int | None = None):
-    """``[B, H, n]`` first key rows of the blocks read -> the pool rows ``[B, H,
-    num_keys]`` (all ``n * block_size`` by default) of every key position, and of
-    every value position. Built on the device once a step, for all layers."""
+def position_rows(first_rows: mx.array, block_size: int, num_keys: int | None = None):
+    """``[2B, H, n]`` first rows of the blocks read -> the pool row ``[2B, H,
+    num_keys]`` (all ``n * block_size`` by default) of every position. Built on
+    the device once a step, for all layers."""
     B, H, n = first_rows.shape
     offsets = mx.arange(block_size, dtype=first_rows.dtype)
-    keys = (first_rows[..., None] + offsets).reshape(B, H, n * block_size)
+    rows = (first_rows[..., None] + offsets).reshape(B, H, n * block_size)
     if num_keys is not None and num_keys < n * block_size:
-        keys = keys[..., :num_keys]
-    return keys, keys + num_kv_heads * block_size
+        rows = rows[..., :num_keys]
+    return rows
 
 
 @dataclass
@@ -87,8 +86,7 @@ class BatchPlan:
 
     offsets: mx.array  # [B] position of each request's first new token
     write_rows: mx.array  # [2B, H, L] pool row of each (padded) new key, then value
-    read_keys: mx.array  # [B, H, S] pool row of each key position
-    read_values: mx.array  # [B, H, S] pool row of each value position
+    read_rows: mx.array  # [2B, H, S] pool row of each key position, then value position
     query_pos: np.ndarray  # [B, L] absolute position of each query
     context_lens: np.ndarray  # [B] tokens of context after this step
     grouped_mask: bool  # mask shaped [B, 1, 1, L, S] for grouped-query scores
@@ -117,14 +115,13 @@ class BatchPlan:
         width = min(num_read, tables.shape[1])
         read[:, :width] = tables[:, :width]
         read[np.arange(num_read)[None, :] * block_size >= ctx[:, None]] = NULL_BLOCK
-        first_rows = mx.array(block_rows(read, num_kv_heads, block_size).astype(np.int32))
-        read_keys, read_values = read_index(first_rows, num_kv_heads, block_size, S)
+        first_rows = with_values(block_rows(read, num_kv_heads, block_size), num_kv_heads,
+                                 block_size)
 
         return cls(
             offsets=mx.array(start.astype(np.int32)),
-            write_rows=write_index(write, num_kv_heads, block_size),
-            read_keys=read_keys,
-            read_values=read_values,
+            write_rows=with_values(write, num_kv_heads, block_size),
+            read_rows=position_rows(first_rows, block_size, S),
             query_pos=query_pos,
             context_lens=ctx,
             grouped_mask=grouped_mask,
@@ -161,7 +158,7 @@ class LayerCache:
     ``pools``: the per-layer pools (``PagedKVCache.pools``, or the traced pools
     of a compiled step); ``plan``: a
     ``BatchPlan`` or anything with its ``offsets``, ``write_rows``,
-    ``read_keys``, ``read_values`` and ``layer_mask``.
+    ``read_rows`` and ``layer_mask``.
     """
 
     def __init__(self, pools, layer: int, plan):
@@ -181,7 +178,8 @@ class LayerCache:
             raise RuntimeError(f"layer {i} has no KV pool on this rank")
         pool[plan.write_rows] = mx.concatenate([keys, values])
         pools[i] = pool
-        return pool[plan.read_keys], pool[plan.read_values]
+        keys, values = mx.split(pool[plan.read_rows], 2)  # views, no copies
+        return keys, values
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         return self.plan.layer_mask(window_size, return_array)
