@@ -9,8 +9,10 @@ rows write to and read from the null block and are dropped; keys past a
 request's context are hidden by the mask, never sliced off (a slice would give
 every step a new shape).
 
+The traced step reads and writes the pools through the same ``LayerCache`` as
+eager steps, with a plan of its traced inputs in place of ``BatchPlan``.
 ``--enforce-eager`` turns this off: every step then runs through ``BatchPlan``
-and ``LayerCache`` as prefill chunks always do.
+as prefill chunks always do.
 """
 
 from dataclasses import dataclass
