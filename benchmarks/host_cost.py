@@ -1,6 +1,8 @@
 """The host's cost of one decode step, the plugin's paged graph against mlx-lm's
 dense-cache graph on the same model: Python graph building, then ``mx.async_eval``
-(MLX's own scheduling and kernel launches), each the median over steps.
+(MLX's own scheduling and kernel launches), each the median over steps. The
+plugin's step is measured eager (``--enforce-eager``, and every prefill chunk)
+and as the compiled decode graph the engine runs by default.
 
     python -m benchmarks.host_cost MODEL_DIR [--batch 1 8] [--steps 40]
 """
@@ -36,13 +38,15 @@ def timed_steps(build, steps: int) -> dict:
 
 
 def graph_ops(out) -> dict:
-    """Primitives in the graph that computes ``out``, by name (MLX's DOT export)."""
+    """Primitives in the graph that computes ``out``, by name (MLX's DOT export).
+    Evaluates ``out`` then, so the next step's graph does not include this one."""
     import mlx.core as mx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "graph.dot")
         mx.export_to_dot(str(path), out)
         names = re.findall(r'label ="([A-Za-z0-9_]+)', path.read_text())
+    mx.eval(out)
     counts = collections.Counter(names)
     return {"total": sum(counts.values()), **dict(counts.most_common())}
 
@@ -52,6 +56,7 @@ def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
+    from vllm_metal.attention.decode_graph import DecodeGraphs
     from vllm_metal.attention.paged import BatchPlan, PagedKVCache
     from vllm_metal.models.adapter import CausalLM
 
@@ -71,7 +76,7 @@ def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
         return token
 
     block_size = 16
-    blocks_per_seq = -(-(context + steps + 8) // block_size)
+    blocks_per_seq = -(-(context + 2 * steps + 16) // block_size)  # two plugin runs
     pools = PagedKVCache(len(model.layers), 1 + batch * blocks_per_seq, block_size, kv_heads,
                          head_dim, dtype)
     tables = 1 + np.arange(batch * blocks_per_seq).reshape(batch, blocks_per_seq)
@@ -85,12 +90,22 @@ def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
         hidden = lm.hidden_states(mx.zeros((batch, 1), mx.int32), pools.layer_views(plan))
         return mx.argmax(lm.logits(hidden[:, -1]), axis=-1)
 
-    timed_steps(mlx_lm_step, 3)
-    timed_steps(plugin_step, 3)
+    graphs = DecodeGraphs(lm, pools, [None] * len(model.layers), grouped_mask=False)
+
+    def compiled_step():
+        nonlocal position
+        positions = np.full(batch, position)
+        position += 1
+        logits = graphs.logits(mx.zeros((batch, 1), mx.int32), tables, positions)
+        return mx.argmax(logits, axis=-1)
+
+    for step in (mlx_lm_step, plugin_step, compiled_step):
+        timed_steps(step, 3)
     result = {"batch": batch, "ops_mlx_lm": graph_ops(mlx_lm_step()),
-              "ops_plugin": graph_ops(plugin_step())}
+              "ops_plugin": graph_ops(plugin_step()),
+              "ops_plugin_compiled": graph_ops(compiled_step())}
     for name, step in (("mlx_lm", mlx_lm_step), ("plugin", plugin_step),
-                       ("mlx_lm_again", mlx_lm_step)):
+                       ("plugin_compiled", compiled_step), ("mlx_lm_again", mlx_lm_step)):
         result[name] = timed_steps(step, steps)
     return result
 

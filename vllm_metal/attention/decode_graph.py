@@ -9,8 +9,10 @@ rows write to and read from the null block and are dropped; keys past a
 request's context are hidden by the mask, never sliced off (a slice would give
 every step a new shape).
 
+The traced step reads and writes the pools through the same ``LayerCache`` as
+eager steps, with a plan of its traced inputs in place of ``BatchPlan``.
 ``--enforce-eager`` turns this off: every step then runs through ``BatchPlan``
-and ``LayerCache`` as prefill chunks always do.
+as prefill chunks always do.
 """
 
 from dataclasses import dataclass
@@ -18,7 +20,14 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from vllm_metal.attention.paged import NULL_BLOCK, PagedKVCache
+from vllm_metal.attention.paged import (
+    NULL_BLOCK,
+    LayerCache,
+    PagedKVCache,
+    block_rows,
+    position_rows,
+    with_values,
+)
 
 
 def bucket(n: int) -> int:
@@ -30,8 +39,8 @@ class DecodeInputs:
     """One decode step's addresses, padded to its bucket."""
 
     offsets: mx.array  # [Bp] position of each row's new token
-    write_rows: mx.array  # [Bp * H] pool row of each new key/value, per KV head
-    read_blocks: mx.array  # [Bp, H, Np] block-head index, block * H + head
+    write_rows: mx.array  # [2 * Bp, H, 1] pool row of each new key, then value
+    read_blocks: mx.array  # [2 * Bp, H, Np] first row of each block-head read, keys then values
     masks: list[mx.array]  # one per window: [Bp, 1, 1, Np * block_size] (one more axis: grouped)
 
 
@@ -52,13 +61,13 @@ class DecodeGraphs:
             tokens = mx.concatenate([tokens, mx.zeros((rows - batch, 1), tokens.dtype)])
         inputs = self._inputs(block_tables, positions, rows)
         kv = self.kv
-        logits, kv.keys, kv.values = self._step(
+        logits, kv.pools = self._step(
             tokens, inputs.offsets, inputs.write_rows, inputs.read_blocks, inputs.masks,
-            kv.keys, kv.values)
+            kv.pools)
         return logits[:batch] if rows > batch else logits
 
     def _inputs(self, block_tables: np.ndarray, positions: np.ndarray, rows: int) -> DecodeInputs:
-        kv, bs, heads = self.kv, self.kv.block_size, self.kv.num_kv_heads
+        bs, heads = self.kv.block_size, self.kv.num_kv_heads
         batch = len(positions)
         pos = np.zeros(rows, np.int64)
         pos[:batch] = positions
@@ -68,9 +77,7 @@ class DecodeGraphs:
         tables[:batch, :width] = block_tables[:, :width]
         tables[np.arange(num_read)[None, :] * bs > pos[:, None]] = NULL_BLOCK
         write_block = tables[np.arange(rows), pos // bs]
-        head = np.arange(heads)
-        write = ((write_block[:, None] * heads + head[None, :]) * bs + (pos % bs)[:, None])
-        read = tables[:, None, :] * heads + head[None, :, None]
+        write = block_rows(write_block[:, None], heads, bs) + (pos % bs)[:, None, None]
         key_pos = np.arange(num_read * bs)[None, :]
         masks = []
         for window in self.windows:
@@ -81,61 +88,30 @@ class DecodeGraphs:
             masks.append(mx.array(allowed.reshape(shape)))
         return DecodeInputs(
             offsets=mx.array(pos.astype(np.int32)),
-            write_rows=mx.array(write.reshape(-1).astype(np.int32)),
-            read_blocks=mx.array(read.astype(np.int32)),
+            write_rows=with_values(write, heads, bs),
+            read_blocks=with_values(block_rows(tables, heads, bs), heads, bs),
             masks=masks,
         )
 
-    def _forward(self, tokens, offsets, write_rows, read_blocks, masks, keys, values):
-        pools = _Pools(list(keys), list(values))
-        masks_by_window = dict(zip(self.windows, masks))
-        views = [_DecodeLayerCache(pools, i, offsets, write_rows, read_blocks, masks_by_window,
-                                   self.kv.block_size)
-                 for i in range(len(keys))]
-        hidden = self.model.hidden_states(tokens, views)
-        return self.model.logits(hidden[:, -1]), pools.keys, pools.values
+    def _forward(self, tokens, offsets, write_rows, read_blocks, masks, pools):
+        pools = list(pools)
+        plan = _StepPlan(offsets, write_rows, position_rows(read_blocks, self.kv.block_size),
+                         dict(zip(self.windows, masks)))
+        hidden = self.model.hidden_states(tokens, [LayerCache(pools, i, plan)
+                                                   for i in range(len(pools))])
+        return self.model.logits(hidden[:, -1]), pools
 
 
 @dataclass
-class _Pools:
-    keys: list
-    values: list
+class _StepPlan:
+    """``BatchPlan``'s part that ``LayerCache`` reads, inside the traced decode step."""
 
+    offsets: mx.array
+    write_rows: mx.array
+    read_rows: mx.array
+    masks: dict
 
-class _DecodeLayerCache:
-    """mlx-lm's cache protocol for one layer inside the traced decode step."""
-
-    def __init__(self, pools, layer, offsets, write_rows, read_blocks, masks, block_size):
-        self.pools = pools
-        self.layer = layer
-        self.offset = offsets
-        self.write_rows = write_rows
-        self.read_blocks = read_blocks
-        self.masks = masks
-        self.block_size = block_size
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        i = self.layer
-        if self.pools.keys[i] is None:
-            raise RuntimeError(f"layer {i} has no KV pool on this rank")
-        self.pools.keys[i] = self._write(self.pools.keys[i], keys)
-        self.pools.values[i] = self._write(self.pools.values[i], values)
-        return self._read(self.pools.keys[i]), self._read(self.pools.values[i])
-
-    def _write(self, pool: mx.array, new: mx.array) -> mx.array:
-        pool[self.write_rows] = new.reshape(-1, new.shape[-1])
-        return pool
-
-    def _read(self, pool: mx.array) -> mx.array:
-        rows, heads, num_read = self.read_blocks.shape
-        head_dim = pool.shape[-1]
-        blocks = pool.reshape(-1, self.block_size, head_dim)[self.read_blocks]
-        return blocks.reshape(rows, heads, num_read * self.block_size, head_dim)
-
-    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+    def layer_mask(self, window_size: int | None, return_array: bool) -> mx.array:
         # A window mlx-lm asks for on its own (Gemma 3) is overridden per layer
         # (OwnWindowLayer), which asks for the windows this step was given.
         return self.masks.get(window_size, self.masks[None])
-
-    def is_trimmable(self) -> bool:
-        return False

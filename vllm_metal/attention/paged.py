@@ -1,19 +1,28 @@
 """Paged KV cache in MLX arrays, addressed by vLLM's block tables.
 
-Each layer owns a key pool and a value pool of shape
-``[num_blocks * kv_heads * block_size, head_dim]``: block ``b`` holds, for each
-KV head ``h``, its ``block_size`` positions in the consecutive rows from
-``(b * kv_heads + h) * block_size``. Reading whole blocks in that order gives
-the ``[B, kv_heads, S, head_dim]`` layout attention wants without a transposing
-copy (on MLX's CPU device such a copy cost more than the attention itself).
+Each layer owns one pool of shape ``[num_blocks * 2 * kv_heads * block_size,
+head_dim]`` for its keys and values: block ``b`` holds the ``block_size``
+positions of key head ``h`` in the consecutive rows from ``(b * 2 * kv_heads +
+h) * block_size``, and those of value head ``h`` ``kv_heads * block_size`` rows
+further on. A step writes its new keys and values with one scatter (of the two
+stacked) to a ``[2B, kv_heads, L]`` array of rows, and reads the context with one
+gather of a ``[2B, kv_heads, S]`` array of rows (keys', then values'), split in
+two views of the ``[B, kv_heads, S, head_dim]`` layout attention wants: no
+transposing copy (on MLX's CPU device such a copy cost more than the attention
+itself) and no reshapes. The row arrays are built once a step, for all layers;
+each layer then costs six primitives (concatenate, reshape, scatter, gather,
+squeeze, split), where separate key and value pools took eight to ten and
+reshaped block-sized gathers sixteen. That host cost per primitive, not the
+arithmetic, limits a decode step on a GPU.
 Block 0 is vLLM's null block, never handed to a request: padded query positions
 write there and padded key positions read from there (always masked out).
 
 A forward pass runs a group of requests as a right-padded ``[B, L]`` batch.
-``BatchPlan`` turns the group's block tables and positions into row indices and
-a mask once; ``LayerCache`` is the per-layer view that mlx-lm's attention
-modules call (``offset``, ``update_and_fetch``, ``make_mask``), so the models
-run unchanged on the paged cache.
+``BatchPlan`` turns the group's block tables and positions into rows and a mask
+once; ``LayerCache`` is the per-layer view that mlx-lm's attention modules call
+(``offset``, ``update_and_fetch``, ``make_mask``), so the models run unchanged
+on the paged cache. The compiled decode step (``decode_graph``) uses the same
+``LayerCache`` with its own plan.
 """
 
 from dataclasses import dataclass
@@ -31,19 +40,44 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.num_kv_heads = num_kv_heads
-        shape = (num_blocks * num_kv_heads * block_size, head_dim)
+        shape = (num_blocks * 2 * num_kv_heads * block_size, head_dim)
         own = set(range(num_layers) if own_layers is None else own_layers)
-        self.keys = [mx.zeros(shape, dtype=dtype) if i in own else None for i in range(num_layers)]
-        self.values = [mx.zeros(shape, dtype=dtype) if i in own else None
-                       for i in range(num_layers)]
-        mx.eval([k for k in self.keys if k is not None], [v for v in self.values if v is not None])
+        self.pools = [mx.zeros(shape, dtype=dtype) if i in own else None
+                      for i in range(num_layers)]
+        mx.eval([p for p in self.pools if p is not None])
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, itemsize) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
 
     def layer_views(self, plan: "BatchPlan") -> list["LayerCache"]:
-        return [LayerCache(self, i, plan) for i in range(len(self.keys))]
+        return [LayerCache(self.pools, i, plan) for i in range(len(self.pools))]
+
+
+def block_rows(tables: np.ndarray, num_kv_heads: int, block_size: int) -> np.ndarray:
+    """Block ids ``[B, n]`` -> ``[B, kv_heads, n]``: the first pool row of each
+    block's key head (its value head's is ``kv_heads * block_size`` on)."""
+    heads = np.arange(num_kv_heads)[None, :, None]
+    return (tables[:, None, :] * 2 * num_kv_heads + heads) * block_size
+
+
+def with_values(key_rows: np.ndarray, num_kv_heads: int, block_size: int) -> mx.array:
+    """Pool rows ``[B, ...]`` of keys -> ``[2B, ...]``: those rows, then the same
+    positions' value rows (the layout ``concatenate([keys, values])`` has)."""
+    rows = np.concatenate([key_rows, key_rows + num_kv_heads * block_size])
+    return mx.array(rows.astype(np.int32))
+
+
+def position_rows(first_rows: mx.array, block_size: int, num_keys: int | None = None):
+    """``[2B, H, n]`` first rows of the blocks read -> the pool row ``[2B, H,
+    num_keys]`` (all ``n * block_size`` by default) of every position. Built on
+    the device once a step, for all layers."""
+    B, H, n = first_rows.shape
+    offsets = mx.arange(block_size, dtype=first_rows.dtype)
+    rows = (first_rows[..., None] + offsets).reshape(B, H, n * block_size)
+    if num_keys is not None and num_keys < n * block_size:
+        rows = rows[..., :num_keys]
+    return rows
 
 
 @dataclass
@@ -51,8 +85,8 @@ class BatchPlan:
     """Where one padded group of requests reads and writes the cache."""
 
     offsets: mx.array  # [B] position of each request's first new token
-    write_rows: mx.array  # [B * H * L] pool row of each (padded) new token, per KV head
-    read_blocks: mx.array  # [B, H, num_blocks_read] block-head index, block * H + head
+    write_rows: mx.array  # [2B, H, L] pool row of each (padded) new key, then value
+    read_rows: mx.array  # [2B, H, S] pool row of each key position, then value position
     query_pos: np.ndarray  # [B, L] absolute position of each query
     context_lens: np.ndarray  # [B] tokens of context after this step
     grouped_mask: bool  # mask shaped [B, 1, 1, L, S] for grouped-query scores
@@ -67,25 +101,27 @@ class BatchPlan:
         ctx = start + qlens
         B, L, S = len(qlens), int(qlens.max()), int(ctx.max())
         tables = np.asarray(block_tables, dtype=np.int64)
-        heads = np.arange(num_kv_heads)[None, :, None]
 
         query_pos = start[:, None] + np.arange(L)[None, :]
         padded = np.arange(L)[None, :] >= qlens[:, None]
         block_idx = np.minimum(query_pos // block_size, tables.shape[1] - 1)
         write_block = np.where(padded, NULL_BLOCK, tables[np.arange(B)[:, None], block_idx])
         write_offset = np.where(padded, 0, query_pos % block_size)
-        write = (write_block[:, None, :] * num_kv_heads + heads) * block_size + write_offset[:, None, :]
+        write = (block_rows(write_block, num_kv_heads, block_size)
+                 + write_offset[:, None, :])
 
         num_read = -(-S // block_size)
         read = np.zeros((B, num_read), dtype=np.int64)
         width = min(num_read, tables.shape[1])
         read[:, :width] = tables[:, :width]
         read[np.arange(num_read)[None, :] * block_size >= ctx[:, None]] = NULL_BLOCK
+        first_rows = with_values(block_rows(read, num_kv_heads, block_size), num_kv_heads,
+                                 block_size)
 
         return cls(
             offsets=mx.array(start.astype(np.int32)),
-            write_rows=mx.array(write.reshape(-1).astype(np.int32)),
-            read_blocks=mx.array((read[:, None, :] * num_kv_heads + heads).astype(np.int32)),
+            write_rows=with_values(write, num_kv_heads, block_size),
+            read_rows=position_rows(first_rows, block_size, S),
             query_pos=query_pos,
             context_lens=ctx,
             grouped_mask=grouped_mask,
@@ -96,6 +132,13 @@ class BatchPlan:
         if window_size not in self._masks:
             self._masks[window_size] = self._make_mask(window_size)
         return self._masks[window_size]
+
+    def layer_mask(self, window_size: int | None, return_array: bool) -> mx.array | None:
+        mask = self.mask(window_size)
+        if mask is None and return_array:
+            B, L = self.query_pos.shape
+            return mx.ones((B, 1, L, int(self.context_lens.max())), dtype=mx.bool_)
+        return mask
 
     def _make_mask(self, window_size):
         B, L = self.query_pos.shape
@@ -110,10 +153,16 @@ class BatchPlan:
 
 
 class LayerCache:
-    """mlx-lm's cache protocol for one layer, backed by the paged pools."""
+    """mlx-lm's cache protocol for one layer, backed by the paged pools.
 
-    def __init__(self, cache: PagedKVCache, layer: int, plan: BatchPlan):
-        self.cache = cache
+    ``pools``: the per-layer pools (``PagedKVCache.pools``, or the traced pools
+    of a compiled step); ``plan``: a
+    ``BatchPlan`` or anything with its ``offsets``, ``write_rows``,
+    ``read_rows`` and ``layer_mask``.
+    """
+
+    def __init__(self, pools, layer: int, plan):
+        self.pools = pools
         self.layer = layer
         self.plan = plan
 
@@ -123,27 +172,17 @@ class LayerCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """``keys``/``values``: [B, H, L, D] -> the context's [B, H, S, D]."""
-        c, i = self.cache, self.layer
-        c.keys[i] = self._write(c.keys[i], keys)
-        c.values[i] = self._write(c.values[i], values)
-        return self._read(c.keys[i]), self._read(c.values[i])
-
-    def _write(self, pool: mx.array, new: mx.array) -> mx.array:
-        pool[self.plan.write_rows] = new.reshape(-1, new.shape[-1])
-        return pool
-
-    def _read(self, pool: mx.array) -> mx.array:
-        B, H, num_read = self.plan.read_blocks.shape
-        bs, D = self.cache.block_size, pool.shape[-1]
-        blocks = pool.reshape(-1, bs, D)[self.plan.read_blocks]  # [B, H, num_read, bs, D]
-        return blocks.reshape(B, H, num_read * bs, D)[:, :, : int(self.plan.context_lens.max())]
+        pools, i, plan = self.pools, self.layer, self.plan
+        pool = pools[i]
+        if pool is None:
+            raise RuntimeError(f"layer {i} has no KV pool on this rank")
+        pool[plan.write_rows] = mx.concatenate([keys, values])
+        pools[i] = pool
+        keys, values = mx.split(pool[plan.read_rows], 2)  # views, no copies
+        return keys, values
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
-        mask = self.plan.mask(window_size)
-        if mask is None and return_array:
-            B, L = self.plan.query_pos.shape
-            return mx.ones((B, 1, L, int(self.plan.context_lens.max())), dtype=mx.bool_)
-        return mask
+        return self.plan.layer_mask(window_size, return_array)
 
     def is_trimmable(self) -> bool:
         return False
