@@ -11,6 +11,7 @@
 | VLLM_METAL_BLAS | auto | auto or a path: the BLAS library MLX's CPU device uses for float32 (auto: the system OpenBLAS when present) |
 | VLLM_METAL_DISTRIBUTED_BACKEND | ring | ring or jaccl: the mx.distributed backend for tensor/pipeline parallel collectives (ring: TCP; jaccl: RDMA over Thunderbolt) |
 | VLLM_METAL_CONNECT_TIMEOUT | 30 | seconds a rank waits to reach the coordinator (rank 0's --master-addr:--master-port) before giving up |
+| VLLM_METAL_MAX_WAITING_REQUESTS | none | `vllm serve`: generation requests allowed to wait beyond the `--max-num-seqs` running ones; past that a request gets HTTP 429 at once (none: no bound) |
 | VLLM_METAL_PEER_TIMEOUT | 3 | seconds a rank of a TP/PP engine waits for a silent peer's heartbeat (a stopped or hung process, a link down) before it stops the engine |
 
 A bad value stops startup with a message naming the variable and what it accepts.
@@ -98,6 +99,18 @@ def _seconds(name: str) -> Callable[[str], float]:
     return _number(name, lambda v: v > 0, "a positive number of seconds")
 
 
+def _count_or_none(name: str) -> Callable[[str], int | None]:
+    def parse(raw: str) -> int | None:
+        if raw.strip().lower() == "none":
+            return None
+        if not raw.strip().isdigit():
+            raise SettingError(f"{name}={raw!r}: use a whole number of requests (0 or more) "
+                               "or none")
+        return int(raw)
+
+    return parse
+
+
 def _text(name: str) -> Callable[[str], str]:
     return lambda raw: raw.strip()
 
@@ -128,6 +141,8 @@ _SETTINGS = [
     ),
     Setting("VLLM_METAL_CONNECT_TIMEOUT", "30", _seconds("VLLM_METAL_CONNECT_TIMEOUT"),
             "coordinator connect timeout"),
+    Setting("VLLM_METAL_MAX_WAITING_REQUESTS", "none",
+            _count_or_none("VLLM_METAL_MAX_WAITING_REQUESTS"), "queue bound for vllm serve"),
     Setting("VLLM_METAL_PEER_TIMEOUT", "3", _seconds("VLLM_METAL_PEER_TIMEOUT"),
             "silent peer timeout"),
 ]

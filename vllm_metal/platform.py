@@ -122,6 +122,15 @@ class MetalPlatform(Platform):
         setattr(vllm_config, _CHECKED, True)
 
     @classmethod
+    def pre_register_and_update(cls, parser=None) -> None:
+        if parser is not None:
+            # `vllm serve`: the API key on every route, and the optional queue bound
+            # (vllm_metal.serving); a user's --middleware entries are appended.
+            from vllm_metal.serving import MIDDLEWARE
+
+            parser.set_defaults(middleware=list(MIDDLEWARE))
+
+    @classmethod
     def apply_config_platform_defaults(cls, vllm_config) -> None:
         # Runs before vLLM fills in its compilation and kernel defaults, so what is
         # set here is what the user asked for; not when the engine process re-runs

@@ -19,14 +19,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float, log_tail) -> None:
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float, log_tail,
+                       headers: dict | None = None) -> None:
     """Until ``url``/health answers 200; an early exit or the timeout raises with the log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}: {log_tail()}")
         try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
+            if requests.get(url + "/health", timeout=2, headers=headers).status_code == 200:
                 return
         except requests.RequestException:
             pass
@@ -49,6 +50,13 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     @property
+    def auth_headers(self) -> dict | None:
+        """The --api-key the server was given, as a request header (it guards /health too)."""
+        if "--api-key" in self.command:
+            return {"Authorization": f"Bearer {self.command[self.command.index('--api-key') + 1]}"}
+        return None
+
+    @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
@@ -58,7 +66,8 @@ class Server:
                                         stderr=subprocess.STDOUT, start_new_session=True,
                                         cwd=self.cwd)
         try:
-            wait_until_healthy(self.url, self.process, timeout, self.tail)
+            wait_until_healthy(self.url, self.process, timeout, self.tail,
+                               headers=self.auth_headers)
         except TimeoutError:
             self.stop()
             raise
