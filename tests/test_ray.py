@@ -196,12 +196,16 @@ def test_a_cluster_without_mlx_fails_fast_with_the_ray_start_line(hosts, tiny_mo
                       "ray start --head --resources='{\"mlx\": 1}'")
 
 
-def test_an_unreachable_ray_address_fails_fast(tiny_model):
+def drive_here(model: str, **env) -> tuple[str, float]:
+    """The driver in this host's namespace, with no cluster: (output, seconds)."""
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "vllm_metal.testing.ray_driver",
-                           tiny_model("llama")], capture_output=True, text=True, timeout=120,
-                          env=RayCluster.env(RAY_ADDRESS="127.0.0.1:9"))
-    assert_fails_with(done.stdout + done.stderr, time.monotonic() - start,
+    done = subprocess.run([sys.executable, "-m", "vllm_metal.testing.ray_driver", model],
+                          capture_output=True, text=True, timeout=120, env=RayCluster.env(**env))
+    return done.stdout + done.stderr, time.monotonic() - start
+
+
+def test_an_unreachable_ray_address_fails_fast(tiny_model):
+    assert_fails_with(*drive_here(tiny_model("llama"), RAY_ADDRESS="127.0.0.1:9"),
                       "RAY_ADDRESS=127.0.0.1:9: cannot reach the Ray head")
 
 
@@ -209,20 +213,12 @@ def test_without_ray_installed_the_message_names_the_extra(tiny_model, tmp_path)
     shadow = tmp_path / "ray"
     shadow.mkdir()
     (shadow / "__init__.py").write_text("raise ImportError('No module named ray')\n")
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "vllm_metal.testing.ray_driver",
-                           tiny_model("llama")], capture_output=True, text=True, timeout=120,
-                          env=RayCluster.env(PYTHONPATH=str(tmp_path)))
-    assert_fails_with(done.stdout + done.stderr, time.monotonic() - start,
+    assert_fails_with(*drive_here(tiny_model("llama"), PYTHONPATH=str(tmp_path)),
                       "needs Ray, which is not installed", "pip install 'vllm-metal[ray]'")
 
 
 def test_vllms_legacy_ray_executor_is_refused(tiny_model):
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "vllm_metal.testing.ray_driver",
-                           tiny_model("llama")], capture_output=True, text=True, timeout=120,
-                          env=RayCluster.env(VLLM_USE_RAY_V2_EXECUTOR_BACKEND="0"))
-    assert_fails_with(done.stdout + done.stderr, time.monotonic() - start,
+    assert_fails_with(*drive_here(tiny_model("llama"), VLLM_USE_RAY_V2_EXECUTOR_BACKEND="0"),
                       "VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0", "unset it")
 
 
