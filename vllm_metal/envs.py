@@ -9,7 +9,7 @@
 | VLLM_METAL_DEBUG | 0 | 1 logs each step's batch composition and timings |
 | VLLM_METAL_DEQUANTIZE | auto | auto, 1 or 0: dequantize quantized weights at load (auto: only on the CPU device, where MLX's quantized kernels are slow) |
 | VLLM_METAL_BLAS | auto | auto or a path: the BLAS library MLX's CPU device uses for float32 (auto: the system OpenBLAS when present) |
-| VLLM_METAL_DISTRIBUTED_BACKEND | ring | ring or jaccl: the mx.distributed backend for tensor/pipeline parallel collectives (ring: TCP; jaccl: RDMA over Thunderbolt) |
+| VLLM_METAL_DISTRIBUTED_BACKEND | ring | ring, jaccl or nccl: the mx.distributed backend for tensor/pipeline parallel collectives (ring: TCP; jaccl: RDMA over Thunderbolt; nccl: NVIDIA GPUs, MLX's CUDA build, one GPU per rank) |
 | VLLM_METAL_CONNECT_TIMEOUT | 30 | seconds a rank waits to reach the coordinator (rank 0's --master-addr:--master-port) before giving up |
 | VLLM_METAL_MAX_WAITING_REQUESTS | none | `vllm serve`: generation requests allowed to wait beyond the `--max-num-seqs` running ones; past that a request gets HTTP 429 at once (none: no bound) |
 | VLLM_METAL_PEER_TIMEOUT | 3 | seconds a rank of a TP/PP engine waits for a silent peer's heartbeat (a stopped or hung process, a link down) before it stops the engine |
@@ -136,7 +136,7 @@ _SETTINGS = [
     Setting(
         "VLLM_METAL_DISTRIBUTED_BACKEND",
         "ring",
-        _choice("VLLM_METAL_DISTRIBUTED_BACKEND", ("ring", "jaccl")),
+        _choice("VLLM_METAL_DISTRIBUTED_BACKEND", ("ring", "jaccl", "nccl")),
         "mx.distributed backend",
     ),
     Setting("VLLM_METAL_CONNECT_TIMEOUT", "30", _seconds("VLLM_METAL_CONNECT_TIMEOUT"),

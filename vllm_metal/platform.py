@@ -280,10 +280,15 @@ def parallel_problems(vllm_config) -> list[str]:
             "--speculative-config with --pipeline-parallel-size above 1 (n-gram drafts work "
             "with tensor parallel; drop one of the two)"
         )
-    if envs.VLLM_METAL_DISTRIBUTED_BACKEND == "ring":
+    backend_name = envs.VLLM_METAL_DISTRIBUTED_BACKEND
+    if backend_name == "ring":
         layout = ring_layout_problem(tp, pp)
         if layout:
             problems.append(layout)
+    elif backend_name == "nccl":
+        from vllm_metal.distributed.nccl import nccl_problems
+
+        problems += nccl_problems(tp, pp)
     elif tp > 1 and pp > 1:
         problems.append("tensor and pipeline parallel together on jaccl (MLX's jaccl groups "
                         "cannot be split): use TP alone or PP alone")

@@ -22,6 +22,10 @@ logger = logging.getLogger("vllm.metal")
 class MetalWorker(WorkerBase):
     def init_device(self) -> None:
         envs.validate_all()
+        if self.parallel_config.world_size > 1 and envs.VLLM_METAL_DISTRIBUTED_BACKEND == "nccl":
+            from vllm_metal.distributed.nccl import pin_gpu
+
+            pin_gpu(self.local_rank)
         device = select_device()
         import mlx.core as mx
 

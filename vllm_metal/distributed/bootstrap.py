@@ -14,6 +14,7 @@ from importlib.metadata import version
 
 from vllm_metal import envs
 from vllm_metal.distributed.heartbeat import serve_heartbeat
+from vllm_metal.distributed.nccl import nccl_environment
 from vllm_metal.distributed.parallel import DistributedError, ModelParallel, Topology, ring_order
 
 logger = logging.getLogger("vllm.metal")
@@ -40,7 +41,7 @@ def start_model_parallel(topology: Topology, host_ip: str, all_gather_object,
     mine = {
         "rank": topology.rank,
         "host": host_ip,
-        "ring_port": _free_port(host_ip),
+        "ring_port": _free_port(host_ip),  # also NCCL's rendezvous port on rank 0
         "liveness_port": liveness_port,
         "pid": os.getpid(),
         "machine": _machine_id(),
@@ -57,6 +58,9 @@ def start_model_parallel(topology: Topology, host_ip: str, all_gather_object,
             json.dump(hostfile, f)
         os.environ["MLX_HOSTFILE"] = path
         os.environ["MLX_RANK"] = str(order.index(topology.rank))
+    elif backend == "nccl":
+        order = list(range(topology.world_size))
+        os.environ.update(nccl_environment(everyone, topology))
     else:
         # jaccl reads its own settings (MLX_IBV_DEVICES, MLX_JACCL_COORDINATOR, set
         # by the launcher); MLX ranks are vLLM ranks.
@@ -68,6 +72,8 @@ def start_model_parallel(topology: Topology, host_ip: str, all_gather_object,
         advice = {
             "ring": "Check that every host can reach the others' addresses (VLLM_HOST_IP) on "
                     "any TCP port.",
+            "nccl": "Check that every rank has a GPU of its own (VLLM_METAL_VISIBLE_DEVICES) and "
+                    "reaches rank 0's address; NCCL_DEBUG=INFO shows NCCL's view.",
             "jaccl": "Check RDMA (rdma_ctl enable; ibv_devices lists rdma_en*), the hostfile's "
                      "rdma entries and MLX_JACCL_COORDINATOR.",
         }[backend]
