@@ -1,6 +1,6 @@
 """Tensor and pipeline parallel on one host: N x M worker processes, the model's
 collectives through mx.distributed (ring backend on 127.0.0.1), greedy tokens
-identical to one rank's in float32, and for some architectures to transformers'."""
+identical to transformers' float32 ones (and so to one rank's)."""
 
 import pytest
 from vllm import SamplingParams
@@ -18,17 +18,6 @@ PROMPTS = [
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
-# A dense and an MoE architecture whose TP=2 and PP=2 tokens are also checked
-# against transformers float32, not only against the plugin's own one rank.
-CHECKED_WITH_TRANSFORMERS = {"llama", "qwen3_moe"}
-
-_reference: dict = {}
-
-
-def generate(model: str, **options) -> list[list[int]]:
-    return [tokens for _, tokens in prompts_and_tokens(model, **options)]
-
-
 def prompts_and_tokens(model: str, **options) -> list[tuple[list[int], list[int]]]:
     llm = start_llm(model, **options)
     try:
@@ -38,32 +27,22 @@ def prompts_and_tokens(model: str, **options) -> list[tuple[list[int], list[int]
         stop_llm(llm)
 
 
-def one_rank_tokens(model: str) -> list[list[int]]:
-    if model not in _reference:
-        _reference[model] = generate(model)
-    return _reference[model]
-
-
-def transformers_tokens(model: str, prompt_ids: list[list[int]]) -> list[list[int]]:
-    hf = load_hf(model)
-    return [greedy_tokens(hf, ids, GREEDY.max_tokens) for ids in prompt_ids]
-
-
-def assert_matches_one_rank_and_transformers(arch: str, model: str, **layout) -> None:
+def assert_matches_transformers(model: str, **layout) -> None:
+    """The split model's greedy tokens are transformers' float32 ones, which are one
+    rank's too (tests/test_parity.py holds one rank to the same reference)."""
     prompt_ids, got = zip(*prompts_and_tokens(model, **layout))
-    assert list(got) == one_rank_tokens(model)
-    if arch in CHECKED_WITH_TRANSFORMERS:
-        assert list(got) == transformers_tokens(model, list(prompt_ids))
+    hf = load_hf(model)
+    assert list(got) == [greedy_tokens(hf, list(ids), GREEDY.max_tokens) for ids in prompt_ids]
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_TINY_ARCHS)
-def test_tensor_parallel_2_matches_one_rank(tiny_model, arch):
-    assert_matches_one_rank_and_transformers(arch, tiny_model(arch), tensor_parallel_size=2)
+def test_tensor_parallel_2_matches_transformers(tiny_model, arch):
+    assert_matches_transformers(tiny_model(arch), tensor_parallel_size=2)
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_TINY_ARCHS)
-def test_pipeline_parallel_2_matches_one_rank(tiny_model, arch):
-    assert_matches_one_rank_and_transformers(arch, tiny_model(arch), pipeline_parallel_size=2)
+def test_pipeline_parallel_2_matches_transformers(tiny_model, arch):
+    assert_matches_transformers(tiny_model(arch), pipeline_parallel_size=2)
 
 
 # The tiny models have 2 KV heads; these get 4 (and 4 layers for two stages of two).
@@ -72,15 +51,15 @@ WIDER = ["llama", "phi3", "qwen3_moe"]
 
 
 @pytest.mark.parametrize("arch", WIDER)
-def test_tensor_parallel_4_matches_one_rank(tiny_model, arch):
+def test_tensor_parallel_4_matches_transformers(tiny_model, arch):
     model = tiny_model(arch, num_key_value_heads=4, num_hidden_layers=4)
-    assert generate(model, tensor_parallel_size=4) == one_rank_tokens(model)
+    assert_matches_transformers(model, tensor_parallel_size=4)
 
 
 @pytest.mark.parametrize("arch", WIDER)
-def test_tensor_2_by_pipeline_2_matches_one_rank(tiny_model, arch):
+def test_tensor_2_by_pipeline_2_matches_transformers(tiny_model, arch):
     model = tiny_model(arch, num_key_value_heads=4, num_hidden_layers=4)
-    assert generate(model, tensor_parallel_size=2, pipeline_parallel_size=2) == one_rank_tokens(model)
+    assert_matches_transformers(model, tensor_parallel_size=2, pipeline_parallel_size=2)
 
 
 SHARED_PREFIX = "Once upon a time in a land far away there lived a fox. " * 8
