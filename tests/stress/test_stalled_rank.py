@@ -98,9 +98,17 @@ def check_silenced_rank_stops_everything(url, model, server_process, processes, 
     assert not left, [(p.pid, p.name()) for p in left]
 
 
-@pytest.mark.parametrize("fault", ["stop", "link"])
-@pytest.mark.parametrize("layout", [["--tensor-parallel-size", "2"],
-                                    ["--pipeline-parallel-size", "2"]], ids=["tp2", "pp2"])
+# CI runs one fault per layout (each fault and each layout at least once); the
+# other pairs run with -m slow.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("layout,fault", [
+    (["--tensor-parallel-size", "2"], "stop"),
+    (["--pipeline-parallel-size", "2"], "link"),
+    pytest.param(["--tensor-parallel-size", "2"], "link", marks=SLOW),
+    pytest.param(["--pipeline-parallel-size", "2"], "stop", marks=SLOW),
+], ids=["tp2-stop", "pp2-link", "tp2-link", "pp2-stop"])
 def test_launcher_silent_rank(tiny_model, tmp_path, layout, fault):
     model = tiny_model("qwen3")
     with SimulatedHosts(2) as hosts, Launch(hosts, model, layout, tmp_path) as launch:
@@ -109,7 +117,7 @@ def test_launcher_silent_rank(tiny_model, tmp_path, layout, fault):
             fault, launch.output)
 
 
-@pytest.mark.parametrize("fault", ["stop", "link"])
+@pytest.mark.parametrize("fault", ["stop", pytest.param("link", marks=SLOW)])
 def test_ray_silent_rank(tiny_model, tmp_path, fault):
     if can_run_ray():
         pytest.fail(can_run_ray())
