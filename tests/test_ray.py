@@ -127,21 +127,14 @@ def two_nodes(cluster):
     return cluster
 
 
-@pytest.fixture(scope="module")
-def one_rank_results(two_nodes, tiny_model):
-    models = [tiny_model("llama"), tiny_model("qwen3_moe")]
-    results, output, _ = drive(two_nodes, models)
-    assert len(results) == 2, output[-5000:]
-    return models, results
-
-
 @pytest.mark.parametrize("layout", [("--tp", "2"), ("--pp", "2")], ids=["tp2", "pp2"])
-def test_two_nodes_give_one_rank_tokens(two_nodes, one_rank_results, layout):
-    models, one_rank = one_rank_results
+def test_two_nodes_give_one_rank_tokens(two_nodes, tiny_model, layout):
+    """Held to transformers float32, as one rank is on every architecture (above)."""
+    models = [tiny_model("llama"), tiny_model("qwen3_moe")]
     spanning, output, _ = drive(two_nodes, models, *layout)
     assert len(spanning) == 2, output[-5000:]
-    for model, alone, split in zip(models, one_rank, spanning):
-        assert split["tokens"] == alone["tokens"] == reference_tokens(model, alone), model
+    for model, split in zip(models, spanning):
+        assert split["tokens"] == reference_tokens(model, split), model
         assert split["prefix_caching"] is True
     # A rank ran on the second host (Ray tags its actors' log lines with their node's address).
     assert f"ip={two_nodes.hosts.addresses[1]})" in output, output[-5000:]
