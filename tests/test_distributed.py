@@ -35,19 +35,21 @@ def assert_matches_transformers(model: str, **layout) -> None:
     assert list(got) == [greedy_tokens(hf, list(ids), GREEDY.max_tokens) for ids in prompt_ids]
 
 
-@pytest.mark.parametrize("arch", SUPPORTED_TINY_ARCHS)
-def test_tensor_parallel_2_matches_transformers(tiny_model, arch):
-    assert_matches_transformers(tiny_model(arch), tensor_parallel_size=2)
-
-
 def in_ci(archs: set[str], of: list[str]) -> list:
     """``of``, with the architectures outside ``archs`` marked slow (CI's time budget;
     ``-m slow`` runs them)."""
     return [a if a in archs else pytest.param(a, marks=pytest.mark.slow) for a in of]
 
 
-# Pipeline stages cut between whole layers, whatever the architecture: CI splits a
-# dense model, one with sliding windows and an MoE one.
+@pytest.mark.parametrize("arch", in_ci({"llama", "phi3", "gemma2", "qwen3_moe"},
+                                        SUPPORTED_TINY_ARCHS))
+def test_tensor_parallel_2_matches_transformers(tiny_model, arch):
+    assert_matches_transformers(tiny_model(arch), tensor_parallel_size=2)
+
+
+# CI splits a dense model, one with fused projections, one with sliding windows and
+# an MoE one over TP, and all but the fused one over PP (stages cut between whole
+# layers, whatever the architecture).
 @pytest.mark.parametrize("arch", in_ci({"llama", "gemma2", "qwen3_moe"}, SUPPORTED_TINY_ARCHS))
 def test_pipeline_parallel_2_matches_transformers(tiny_model, arch):
     assert_matches_transformers(tiny_model(arch), pipeline_parallel_size=2)

@@ -81,13 +81,7 @@ def test_one_node_greedy_tokens_equal_the_reference_on_every_architecture(cluste
         assert result["tokens"] == reference_tokens(model, result), model
 
 
-# Over HTTP, CI serves a dense model, one with sliding windows and an MoE one; the
-# others run with -m slow (offline, above, covers every architecture in CI).
-HTTP_IN_CI = {"llama", "gemma3_text", "qwen3_moe"}
-
-
-@pytest.mark.parametrize("arch", [arch if arch in HTTP_IN_CI else
-                                  pytest.param(arch, marks=pytest.mark.slow) for arch in ARCHS])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_one_node_serves_the_reference_tokens_over_http(cluster, tiny_model, tmp_path, arch):
     model = tiny_model(arch)
     server = Server([model, "--distributed-executor-backend", "ray", "--dtype", "float32",
