@@ -66,6 +66,7 @@ def assert_outputs(out: Path, scale: str) -> dict:
     return results
 
 
+@pytest.mark.slow  # a benchmark run (over 2 minutes): CI's time budget
 def test_smoke_run_writes_table_json_and_plot(tmp_path):
     proc = run_suite("smoke", tmp_path, timeout_s=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -111,6 +111,7 @@ def test_two_hosts_tensor_parallel_serve_one_host_tokens(tiny_model, tmp_path):
     assert got == expected
 
 
+@pytest.mark.slow  # CI's time budget: PP across hosts is also in tests/stress (pp2-link)
 def test_three_hosts_pipeline_parallel_serve_one_host_tokens(tiny_model, tmp_path):
     model = tiny_model("llama", num_hidden_layers=3)
     expected = one_host_tokens(model)

@@ -1,7 +1,7 @@
 """16 concurrent streams with their own stop strings, lengths, seeds and sampling
 settings under TP=2 and PP=2: every stream ends normally (a batch the ranks
 disagree on would stop the engine), and the greedy ones give the one-rank
-server's text. CI runs each layout for 20 s; ``-m slow`` for 2 minutes."""
+server's text. CI runs each layout for 15 s; ``-m slow`` for 2 minutes."""
 
 import random
 import threading
@@ -89,7 +89,7 @@ def run_layout(model: str, layout: list[str], seconds: float, tmp_path) -> None:
 @pytest.mark.parametrize("layout", [["--tensor-parallel-size", "2"],
                                     ["--pipeline-parallel-size", "2"]], ids=["tp2", "pp2"])
 def test_no_drift_ci(tiny_model, tmp_path, layout):
-    run_layout(tiny_model("qwen3"), layout, 20, tmp_path)
+    run_layout(tiny_model("qwen3"), layout, 15, tmp_path)
 
 
 @pytest.mark.slow
