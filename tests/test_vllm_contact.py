@@ -210,3 +210,25 @@ def test_option_and_request_contact():
     assert list(inspect.signature(build_logitsprocs).parameters)[4] == "custom_logitsprocs"
     assert "logitsprocs_need_output_token_ids" in params(InputBatch.__init__)
     assert issubclass(VLLMValidationError, VLLMClientError)  # the frontend answers 4xx
+
+
+def test_engine_process_and_middleware_contact():
+    """A worker that loses a peer ends its engine process, found by the title vLLM
+    gives it; `vllm serve` takes the plugin's middleware as the default of its
+    appending --middleware option."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.utils.system_utils import set_process_title
+    from vllm.v1.engine import core
+
+    from vllm_metal.distributed.heartbeat import engine_process_title
+    from vllm_metal.serving import MIDDLEWARE
+
+    assert 'process_title = "EngineCore"' in inspect.getsource(core)
+    assert "{prefix}::{name}" in inspect.getsource(set_process_title)
+    assert engine_process_title() == "VLLM::EngineCore"
+    parser = make_arg_parser(FlexibleArgumentParser())
+    assert parser.parse_args(["--model", "m"]).middleware == MIDDLEWARE
+    assert parser.parse_args(["--model", "m", "--middleware", "a.b"]).middleware == [
+        *MIDDLEWARE, "a.b"]
+

@@ -115,5 +115,12 @@ def _stop_engine_process() -> None:
 
     with contextlib.suppress(psutil.Error):
         parent = psutil.Process().parent()
-        if parent is not None and parent.name().startswith("VLLM::EngineCore"):
+        if parent is not None and parent.name().startswith(engine_process_title()):
             parent.kill()
+
+
+def engine_process_title() -> str:
+    """The title vLLM gives its engine process (``set_process_title``)."""
+    from vllm import envs as vllm_envs
+
+    return f"{vllm_envs.VLLM_PROCESS_NAME_PREFIX}::EngineCore"
