@@ -4,20 +4,18 @@ driver runs on the head's host, as Ray requires. Tokens are compared with
 transformers float32 (the in-process executor's parity reference) and across
 layouts; every mistake a user can make ends in its message within its limit."""
 
-import contextlib
 import json
 import subprocess
 import sys
 import threading
 import time
 
-import psutil
 import pytest
 import requests
 
 from conftest import requires_tool
 from vllm_metal.testing.netns import SimulatedHosts, can_simulate_hosts
-from vllm_metal.testing.ray_nodes import RayCluster, can_run_ray
+from vllm_metal.testing.ray_nodes import RayCluster, can_run_ray, ray_worker_processes
 from vllm_metal.testing.reference import greedy_tokens, load_hf
 from vllm_metal.testing.server import Server
 
@@ -168,15 +166,6 @@ def test_a_worker_that_dies_fails_clients_and_stops_the_server(two_nodes, tiny_m
         assert exited_after < 10, server.tail()
         assert failures and not finished, (failures, finished)
         assert "died unexpectedly" in server.tail(10**7)
-
-
-def ray_worker_processes() -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if any("MetalRayWorkerProc" in part for part in process.info["cmdline"] or []):
-                found.append(process)
-    return found
 
 
 # ---- no cluster, or one without `mlx` ----------------------------------------------

@@ -18,7 +18,7 @@ import requests
 from conftest import requires_tool
 from test_multihost import Launch, served_model
 from vllm_metal.testing.netns import SimulatedHosts, can_simulate_hosts
-from vllm_metal.testing.ray_nodes import RayCluster, can_run_ray
+from vllm_metal.testing.ray_nodes import RayCluster, can_run_ray, ray_worker_processes
 from vllm_metal.testing.server import Server
 
 pytestmark = requires_tool(can_simulate_hosts())
@@ -134,14 +134,8 @@ def test_ray_silent_rank(tiny_model, tmp_path, fault):
         with server:
             def processes():
                 return psutil.Process(server.process.pid).children(recursive=True) + \
-                    [p for p in psutil.process_iter() if _is_actor(p)]
+                    ray_worker_processes()
 
             check_silenced_rank_stops_everything(
                 server.url, model, server.process, processes, hosts, fault,
                 lambda: server.tail(10**7))
-
-
-def _is_actor(process: psutil.Process) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return "MetalRayWorkerProc" in " ".join(process.cmdline())
-    return False

@@ -121,3 +121,15 @@ class RayCluster:
                 process.kill()
         psutil.wait_procs(alive, timeout=10)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def ray_worker_processes() -> list:
+    """The plugin's Ray worker actors running on this machine (any simulated host)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any("MetalRayWorkerProc" in part for part in process.info["cmdline"] or []):
+                found.append(process)
+    return found
