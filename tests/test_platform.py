@@ -99,8 +99,11 @@ def test_unsupported_options_are_refused(tiny_model, option, words):
     ("gemma3_text", {"layer_types": ["full_attention", "sliding_attention"]},
      "layer_types in a Gemma3ForCausalLM config that does not repeat sliding_window_pattern=2"),
     ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ("deepseek_v3", {"scoring_func": "softmax"},
+     "scoring_func='softmax' in a DeepseekV3ForCausalLM config"),
+    ("deepseek_v3", {"topk_method": "greedy"}, "topk_method='greedy'"),
 ])
-def test_window_configs_it_would_get_wrong_are_refused(tiny_model, tmp_path, arch, fields, words):
+def test_configs_it_would_get_wrong_are_refused(tiny_model, tmp_path, arch, fields, words):
     model_dir = tmp_path / arch
     shutil.copytree(tiny_model(arch), model_dir)
     config = json.loads((model_dir / "config.json").read_text())

@@ -42,7 +42,7 @@ def generate(model_dir):
         stop_llm(llm)
 
 
-@pytest.mark.parametrize("arch,bits", [("qwen3", 4), ("llama", 8)])
+@pytest.mark.parametrize("arch,bits", [("qwen3", 4), ("llama", 8), ("deepseek_v3", 4)])
 @pytest.mark.parametrize("dequantize", ["0", "1"])
 def test_greedy_matches_mlx_lm_on_the_same_files(quantized, monkeypatch, arch, bits, dequantize):
     monkeypatch.setenv("VLLM_METAL_DEQUANTIZE", dequantize)

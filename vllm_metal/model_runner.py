@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 from vllm.sampling_params import SamplingType
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, MLAAttentionSpec
 from vllm.v1.outputs import (
     EMPTY_MODEL_RUNNER_OUTPUT,
     DraftTokenIds,
@@ -152,14 +152,27 @@ class MetalModelRunner:
             )
 
     @property
+    def use_mla(self) -> bool:
+        """Multi-head latent attention: one cached row per token (latent and rotary
+        key, ``get_head_size()`` values), the same on every TP rank."""
+        return self.model_config.use_mla
+
+    @property
     def num_kv_heads(self) -> int:
+        if self.use_mla:
+            return 1
         return self.model_config.get_total_num_kv_heads() // self.tp_size
+
+    @property
+    def kv_entries(self) -> int:
+        return 1 if self.use_mla else 2
 
     def kv_layer_names(self) -> list[str]:
         return [f"model.layers.{i}.self_attn" for i in self.stage_layers]
 
     def get_kv_cache_spec(self) -> dict[str, FullAttentionSpec]:
-        spec = FullAttentionSpec(
+        spec_class = MLAAttentionSpec if self.use_mla else FullAttentionSpec
+        spec = spec_class(
             block_size=self.block_size,
             num_kv_heads=self.num_kv_heads,
             head_size=self.model_config.get_head_size(),
@@ -174,6 +187,7 @@ class MetalModelRunner:
             self.num_kv_heads,
             self.model_config.get_head_size(),
             self.dtype.itemsize,
+            self.kv_entries,
         )
 
     def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
@@ -187,6 +201,7 @@ class MetalModelRunner:
             head_dim=self.model_config.get_head_size(),
             dtype=mx_dtype(self.dtype),
             own_layers=self.stage_layers,
+            latent_width=self.model_config.hf_text_config.kv_lora_rank if self.use_mla else None,
         )
         allocated_in = time.perf_counter() - start
         # Compiled decode steps: one rank (collectives stay outside traced graphs),
@@ -210,11 +225,14 @@ class MetalModelRunner:
             is_pooling_model=False,
         )
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GB), allocated in %.2f s",
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GB, %d values per token and "
+            "layer%s), allocated in %.2f s",
             num_blocks,
             self.block_size,
             num_blocks * self.block_size,
             num_blocks * self.kv_bytes_per_block() / 1e9,
+            self.kv_entries * self.num_kv_heads * self.model_config.get_head_size(),
+            ": the latent and rotary key of latent attention" if self.use_mla else "",
             allocated_in,
         )
 
@@ -222,7 +240,7 @@ class MetalModelRunner:
         """One single-token forward into the null block (block 0, never handed to
         requests), so the first request does not pay for MLX's first-call setup."""
         plan = BatchPlan.build(np.zeros((1, 1), np.int32), [0], [1], self.block_size,
-                               self.num_kv_heads)
+                               self.num_kv_heads, entries=self.kv_entries)
         hidden = self.model.hidden_states(mx.zeros((1, 1), mx.int32),
                                           self.kv_cache.layer_views(plan))
         self._evaluate(self._stage_result(hidden[:, -1]))
@@ -418,7 +436,7 @@ class MetalModelRunner:
                 batch.req_ids[row] in self.num_prompt_logprobs for row in group.rows):
             return self.decode_graphs.logits(tokens, block_table, np.asarray(group.starts))
         plan = BatchPlan.build(block_table, group.starts, qlens, self.block_size,
-                               self.num_kv_heads, self.grouped_mask)
+                               self.num_kv_heads, self.grouped_mask, self.kv_entries)
         hidden = self.model.hidden_states(tokens, self.kv_cache.layer_views(plan))
         if not self.is_last_stage:
             return self.handoff.take_pending()

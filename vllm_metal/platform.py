@@ -202,12 +202,13 @@ def refuse_unsupported(vllm_config) -> None:
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
     if model is not None:
-        from vllm_metal.models.registry import check_architecture
+        from vllm_metal.models.registry import check_architecture, config_problems
         from vllm_metal.models.windows import window_problems
 
         for arch in model.architectures or []:
             check_architecture(arch)
             problems += window_problems(arch, model.hf_text_config)
+            problems += config_problems(arch, model.hf_text_config)
         if model.is_multimodal_model:
             problems.append("multimodal models (only text-only models are supported)")
         _check_weights_present(model.model)
@@ -295,7 +296,8 @@ def parallel_problems(vllm_config) -> list[str]:
     if model is not None:
         text = model.hf_text_config
         heads = getattr(text, "num_attention_heads", 0)
-        kv_heads = model.get_total_num_kv_heads()
+        # Latent attention caches one latent for all heads, whole on every rank.
+        kv_heads = heads if model.use_mla else model.get_total_num_kv_heads()
         if heads % tp or kv_heads % tp:
             problems.append(
                 f"--tensor-parallel-size {tp}: the model has {heads} attention heads and "

@@ -22,7 +22,6 @@ import numpy as np
 
 from vllm_metal.attention.paged import (
     NULL_BLOCK,
-    LayerCache,
     PagedKVCache,
     block_rows,
     position_rows,
@@ -67,7 +66,7 @@ class DecodeGraphs:
         return logits[:batch] if rows > batch else logits
 
     def _inputs(self, block_tables: np.ndarray, positions: np.ndarray, rows: int) -> DecodeInputs:
-        bs, heads = self.kv.block_size, self.kv.num_kv_heads
+        bs, heads, entries = self.kv.block_size, self.kv.num_kv_heads, self.kv.entries
         batch = len(positions)
         pos = np.zeros(rows, np.int64)
         pos[:batch] = positions
@@ -77,7 +76,7 @@ class DecodeGraphs:
         tables[:batch, :width] = block_tables[:, :width]
         tables[np.arange(num_read)[None, :] * bs > pos[:, None]] = NULL_BLOCK
         write_block = tables[np.arange(rows), pos // bs]
-        write = block_rows(write_block[:, None], heads, bs) + (pos % bs)[:, None, None]
+        write = block_rows(write_block[:, None], heads, bs, entries) + (pos % bs)[:, None, None]
         key_pos = np.arange(num_read * bs)[None, :]
         masks = []
         for window in self.windows:
@@ -88,8 +87,8 @@ class DecodeGraphs:
             masks.append(mx.array(allowed.reshape(shape)))
         return DecodeInputs(
             offsets=mx.array(pos.astype(np.int32)),
-            write_rows=with_values(write, heads, bs),
-            read_blocks=with_values(block_rows(tables, heads, bs), heads, bs),
+            write_rows=with_values(write, heads, bs, entries),
+            read_blocks=with_values(block_rows(tables, heads, bs, entries), heads, bs, entries),
             masks=masks,
         )
 
@@ -97,7 +96,7 @@ class DecodeGraphs:
         pools = list(pools)
         plan = _StepPlan(offsets, write_rows, position_rows(read_blocks, self.kv.block_size),
                          dict(zip(self.windows, masks)))
-        hidden = self.model.hidden_states(tokens, [LayerCache(pools, i, plan)
+        hidden = self.model.hidden_states(tokens, [self.kv.layer_cache(pools, i, plan)
                                                    for i in range(len(pools))])
         return self.model.logits(hidden[:, -1]), pools
 

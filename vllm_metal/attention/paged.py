@@ -14,6 +14,11 @@ each layer then costs six primitives (concatenate, reshape, scatter, gather,
 squeeze, split), where separate key and value pools took eight to ten and
 reshaped block-sized gathers sixteen. That host cost per primitive, not the
 arithmetic, limits a decode step on a GPU.
+Multi-head latent attention (DeepSeek-V3) caches no per-head keys and values
+but one row per token: its compressed latent and its rotary key side by side
+(``kv_lora_rank + qk_rope_head_dim`` values). Its pool has one entry per token
+instead of two (``entries=1``, one "head"), and ``LatentLayerCache`` writes and
+reads those rows with the same plans.
 Block 0 is vLLM's null block, never handed to a request: padded query positions
 write there and padded key positions read from there (always masked out).
 
@@ -35,35 +40,51 @@ NULL_BLOCK = 0
 
 class PagedKVCache:
     def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype,
-                 own_layers=None):
-        """``own_layers``: the layers this rank runs (a pipeline stage); others get no pool."""
+                 own_layers=None, latent_width=None):
+        """``own_layers``: the layers this rank runs (a pipeline stage); others get no pool.
+        ``latent_width``: multi-head latent attention, whose rows of ``head_dim``
+        values (one "head") hold the latent's ``latent_width`` values, then the
+        rotary key's."""
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.num_kv_heads = num_kv_heads
-        shape = (num_blocks * 2 * num_kv_heads * block_size, head_dim)
+        self.latent_width = latent_width
+        self.entries = 1 if latent_width else 2
+        shape = (num_blocks * self.entries * num_kv_heads * block_size, head_dim)
         own = set(range(num_layers) if own_layers is None else own_layers)
         self.pools = [mx.zeros(shape, dtype=dtype) if i in own else None
                       for i in range(num_layers)]
         mx.eval([p for p in self.pools if p is not None])
 
     @staticmethod
-    def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, itemsize) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+    def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, itemsize,
+                        entries=2) -> int:
+        return entries * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+    def layer_cache(self, pools, layer: int, plan) -> "LayerCache":
+        if self.latent_width:
+            return LatentLayerCache(pools, layer, plan, self.latent_width)
+        return LayerCache(pools, layer, plan)
 
     def layer_views(self, plan: "BatchPlan") -> list["LayerCache"]:
-        return [LayerCache(self.pools, i, plan) for i in range(len(self.pools))]
+        return [self.layer_cache(self.pools, i, plan) for i in range(len(self.pools))]
 
 
-def block_rows(tables: np.ndarray, num_kv_heads: int, block_size: int) -> np.ndarray:
+def block_rows(tables: np.ndarray, num_kv_heads: int, block_size: int,
+               entries: int = 2) -> np.ndarray:
     """Block ids ``[B, n]`` -> ``[B, kv_heads, n]``: the first pool row of each
     block's key head (its value head's is ``kv_heads * block_size`` on)."""
     heads = np.arange(num_kv_heads)[None, :, None]
-    return (tables[:, None, :] * 2 * num_kv_heads + heads) * block_size
+    return (tables[:, None, :] * entries * num_kv_heads + heads) * block_size
 
 
-def with_values(key_rows: np.ndarray, num_kv_heads: int, block_size: int) -> mx.array:
+def with_values(key_rows: np.ndarray, num_kv_heads: int, block_size: int,
+                entries: int = 2) -> mx.array:
     """Pool rows ``[B, ...]`` of keys -> ``[2B, ...]``: those rows, then the same
-    positions' value rows (the layout ``concatenate([keys, values])`` has)."""
+    positions' value rows (the layout ``concatenate([keys, values])`` has). A
+    latent pool (one entry) has no value rows."""
+    if entries == 1:
+        return mx.array(key_rows.astype(np.int32))
     rows = np.concatenate([key_rows, key_rows + num_kv_heads * block_size])
     return mx.array(rows.astype(np.int32))
 
@@ -85,7 +106,7 @@ class BatchPlan:
     """Where one padded group of requests reads and writes the cache."""
 
     offsets: mx.array  # [B] position of each request's first new token
-    write_rows: mx.array  # [2B, H, L] pool row of each (padded) new key, then value
+    write_rows: mx.array  # [2B, H, L] pool row of each (padded) new key, then value ([B, 1, L]: latent)
     read_rows: mx.array  # [2B, H, S] pool row of each key position, then value position
     query_pos: np.ndarray  # [B, L] absolute position of each query
     context_lens: np.ndarray  # [B] tokens of context after this step
@@ -94,8 +115,9 @@ class BatchPlan:
 
     @classmethod
     def build(cls, block_tables, start_positions, query_lens, block_size, num_kv_heads,
-              grouped_mask=False):
-        """``block_tables``: [B, max_blocks] int; positions and lengths: [B] int."""
+              grouped_mask=False, entries=2):
+        """``block_tables``: [B, max_blocks] int; positions and lengths: [B] int;
+        ``entries``: the pool's (``PagedKVCache.entries``)."""
         start = np.asarray(start_positions, dtype=np.int64)
         qlens = np.asarray(query_lens, dtype=np.int64)
         ctx = start + qlens
@@ -107,7 +129,7 @@ class BatchPlan:
         block_idx = np.minimum(query_pos // block_size, tables.shape[1] - 1)
         write_block = np.where(padded, NULL_BLOCK, tables[np.arange(B)[:, None], block_idx])
         write_offset = np.where(padded, 0, query_pos % block_size)
-        write = (block_rows(write_block, num_kv_heads, block_size)
+        write = (block_rows(write_block, num_kv_heads, block_size, entries)
                  + write_offset[:, None, :])
 
         num_read = -(-S // block_size)
@@ -115,12 +137,12 @@ class BatchPlan:
         width = min(num_read, tables.shape[1])
         read[:, :width] = tables[:, :width]
         read[np.arange(num_read)[None, :] * block_size >= ctx[:, None]] = NULL_BLOCK
-        first_rows = with_values(block_rows(read, num_kv_heads, block_size), num_kv_heads,
-                                 block_size)
+        first_rows = with_values(block_rows(read, num_kv_heads, block_size, entries),
+                                 num_kv_heads, block_size, entries)
 
         return cls(
             offsets=mx.array(start.astype(np.int32)),
-            write_rows=with_values(write, num_kv_heads, block_size),
+            write_rows=with_values(write, num_kv_heads, block_size, entries),
             read_rows=position_rows(first_rows, block_size, S),
             query_pos=query_pos,
             context_lens=ctx,
@@ -190,3 +212,24 @@ class LayerCache:
     @property
     def state(self):
         raise NotImplementedError("the paged KV cache cannot be serialized")
+
+
+class LatentLayerCache(LayerCache):
+    """The cache protocol of mlx-lm's multi-head latent attention for one layer:
+    ``update_and_fetch(latent, rope_keys)`` stores both in one pool row per token."""
+
+    def __init__(self, pools, layer: int, plan, latent_width: int):
+        super().__init__(pools, layer, plan)
+        self.latent_width = latent_width
+
+    def update_and_fetch(self, latent: mx.array, rope_keys: mx.array):
+        """``latent`` [B, 1, L, R], ``rope_keys`` [B, 1, L, P] -> the context's
+        [B, 1, S, R] and [B, 1, S, P]."""
+        pools, i, plan = self.pools, self.layer, self.plan
+        pool = pools[i]
+        if pool is None:
+            raise RuntimeError(f"layer {i} has no KV pool on this rank")
+        pool[plan.write_rows] = mx.concatenate([latent, rope_keys], axis=-1)
+        pools[i] = pool
+        context = pool[plan.read_rows]
+        return context[..., : self.latent_width], context[..., self.latent_width:]

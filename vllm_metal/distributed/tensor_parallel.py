@@ -7,6 +7,12 @@ and v projections (also fused ``qkv_proj``), the MLP's gate and up projections
 projections, whose partial outputs are summed across the TP group.
 Embeddings, norms, routers and the LM head stay whole on every rank.
 
+Multi-head latent attention (DeepSeek-V3) splits its heads: the query
+projection's outputs, the per-head absorbed key and value maps (``embed_q``,
+``unembed_out``) and ``o_proj``'s inputs. The latent projection stays whole, so
+every rank caches the whole latent. Shared experts split like a dense MLP; the
+MoE block's output (routed plus shared) is summed once.
+
 Runs on the lazily loaded model before its weights are evaluated, so a rank
 reads and keeps only its own slices. Float and MLX-quantized weights alike:
 every parameter of a projection is sliced along the same feature axis.
@@ -55,7 +61,9 @@ def _shard_attention(attn: nn.Module, rank: int, size: int, all_sum, where: str)
     for name, count in heads.items():
         if count % size:
             raise ShardingError(f"{where}: {count} {name} do not split over {size} ranks")
-    if hasattr(attn, "qkv_proj"):
+    if hasattr(attn, "kv_a_proj_with_mqa"):
+        _split_latent_attention_heads(attn, rank, size, where)
+    elif hasattr(attn, "qkv_proj"):
         head_dim = attn.head_dim
         q = attn.n_heads * head_dim
         kv = attn.n_kv_heads * head_dim
@@ -68,15 +76,31 @@ def _shard_attention(attn: nn.Module, rank: int, size: int, all_sum, where: str)
         setattr(attn, name, count // size)
 
 
+def _split_latent_attention_heads(attn: nn.Module, rank: int, size: int, where: str) -> None:
+    query = attn.q_proj if "q_proj" in attn else attn.q_b_proj
+    _split_outputs(query, rank, size, None, where)
+    for per_head in (attn.embed_q, attn.unembed_out):  # [heads, out, in] (and scales)
+        heads = per_head.weight.shape[0]
+        for name in ("weight", "scales", "biases"):
+            if name in per_head and per_head[name] is not None:
+                per_head[name] = _take_share(per_head[name], 0, rank, size, [heads], heads,
+                                             where)
+
+
 def _shard_feed_forward(ff: nn.Module, rank: int, size: int, all_sum, where: str) -> nn.Module:
     experts = getattr(ff, "switch_mlp", None)
     if experts is not None:
         # Each expert keeps 1/N of its intermediate units; the routed sum is reduced once.
         if hasattr(ff, "shared_expert"):
-            raise ShardingError(f"{where}: MoE blocks with a shared expert are not sharded")
+            raise ShardingError(f"{where}: MoE blocks with a gated shared expert are not sharded")
         _split_outputs(experts.gate_proj, rank, size, None, where)
         _split_outputs(experts.up_proj, rank, size, None, where)
         _split_inputs(experts.down_proj, rank, size, where)
+        shared = getattr(ff, "shared_experts", None)
+        if shared is not None:
+            _split_outputs(shared.gate_proj, rank, size, None, where)
+            _split_outputs(shared.up_proj, rank, size, None, where)
+            _split_inputs(shared.down_proj, rank, size, where)
         return ReducedOutput(ff, all_sum)
     if hasattr(ff, "gate_up_proj"):
         half = ff.gate_up_proj.weight.shape[0] // 2

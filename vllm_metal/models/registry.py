@@ -11,6 +11,7 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
+    "DeepseekV3ForCausalLM": "deepseek_v3",  # Kimi K2 checkpoints declare it too
 }
 
 # mlx-lm attention that applies the mask to grouped-query scores
@@ -29,6 +30,29 @@ def check_architecture(arch: str) -> None:
             + ", ".join(sorted(SUPPORTED_ARCHITECTURES))
             + ". Set VLLM_METAL_USE_MLX=0 to use vLLM's own platform instead."
         )
+
+
+# Config fields mlx-lm's definition reads differently from transformers (or not at
+# all): field -> the values both agree on.
+AGREED_CONFIG_VALUES = {
+    "DeepseekV3ForCausalLM": {
+        "topk_method": {"noaux_tc"},
+        "scoring_func": {"sigmoid"},
+        "moe_layer_freq": {1},
+    },
+}
+
+
+def config_problems(arch: str, hf_config) -> list[str]:
+    """Config values of a supported architecture that this platform would run
+    unlike the checkpoint's own model."""
+    problems = []
+    for field, agreed in AGREED_CONFIG_VALUES.get(arch, {}).items():
+        value = getattr(hf_config, field, None)
+        if value is not None and value not in agreed:
+            problems.append(f"{field}={value!r} in a {arch} config (supported: "
+                            + ", ".join(repr(v) for v in sorted(agreed)) + ")")
+    return problems
 
 
 def model_classes(arch: str):

@@ -224,6 +224,33 @@ def _qwen3_moe():
     )
 
 
+def _deepseek_v3():
+    """Multi-head latent attention (a compressed query too: ``q_lora_rank``; None
+    projects queries directly), one dense layer, then routed experts in two groups
+    of four (one group picked per token) plus a shared expert."""
+    return dict(
+        model_type="deepseek_v3",
+        rope_theta=10000.0,
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        head_dim=8,  # transformers' rotary width for this model: qk_rope_head_dim
+        first_k_dense_replace=1,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        moe_intermediate_size=32,
+        routed_scaling_factor=2.5,
+        num_mtp_layers=0,
+    )
+
+
 TINY_ARCHS = {
     "llama": _llama,
     "qwen2": _qwen2,
@@ -234,6 +261,7 @@ TINY_ARCHS = {
     "phi3": _phi3,
     "mixtral": _mixtral,
     "qwen3_moe": _qwen3_moe,
+    "deepseek_v3": _deepseek_v3,
 }
 SUPPORTED_TINY_ARCHS = list(TINY_ARCHS)
 
@@ -337,6 +365,10 @@ def _save_initialized_model(hf_config, out_dir: Path, dtype: str, seed: int):
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(_embedding_init_scale(hf_config))
+        for name, tensor in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                # Zero at init; a spread makes routing depend on the correction too.
+                tensor.normal_(0.0, 0.5)
     model.to(getattr(torch, dtype))
     with _no_progress_bars():
         model.save_pretrained(out_dir, safe_serialization=True)

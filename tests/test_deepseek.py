@@ -1,0 +1,95 @@
+"""DeepSeek-V3 (the architecture Kimi K2 checkpoints declare): multi-head latent
+attention on the paged cache and routed plus shared experts with group-limited
+routing. Greedy tokens equal transformers' float32 ones alone, batched, and
+split over TP=2 and PP=2; the cache holds one latent row per token."""
+
+import pytest
+from conftest import KV_BYTES, start_llm, stop_llm
+from transformers import AutoTokenizer
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+from vllm_metal.testing.reference import greedy_tokens, load_hf
+from vllm_metal.testing.tiny_models import tiny_config_dict
+
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog",
+    "Once upon a time there was a small village by the sea, and every morning the "
+    "fishermen went out before dawn to bring back their catch for the market.",
+    " ".join(f"word{i}" for i in range(120)),
+]
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+BLOCK_SIZE = 16
+
+
+def prompt_ids(model: str) -> list[list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return [tokenizer(p).input_ids for p in PROMPTS]
+
+
+def reference(model: str, prompts: list[list[int]]) -> list[list[int]]:
+    hf = load_hf(model)
+    return [greedy_tokens(hf, ids, GREEDY.max_tokens) for ids in prompts]
+
+
+def generate(llm, prompts: list[list[int]]) -> list[list[int]]:
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], GREEDY)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.mark.parametrize("q_lora_rank", [32, None], ids=["q_lora", "q_proj"])
+def test_greedy_matches_transformers_batched_and_alone(tiny_model, q_lora_rank):
+    model = tiny_model("deepseek_v3", q_lora_rank=q_lora_rank)
+    prompts = prompt_ids(model)
+    expected = reference(model, prompts)
+    llm = start_llm(model)
+    try:
+        batched = generate(llm, prompts)
+        alone = [generate(llm, [ids])[0] for ids in prompts]
+    finally:
+        stop_llm(llm)
+    assert batched == expected
+    assert alone == expected
+
+
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2),
+                                    dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
+def test_split_over_two_ranks_matches_transformers(tiny_model, layout):
+    model = tiny_model("deepseek_v3")
+    prompts = prompt_ids(model)
+    llm = start_llm(model, **layout)
+    try:
+        got = generate(llm, prompts)
+    finally:
+        stop_llm(llm)
+    assert got == reference(model, prompts)
+
+
+def cache_blocks(model: str) -> int:
+    llm = start_llm(model, enable_prefix_caching=False)
+    try:
+        return llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    finally:
+        stop_llm(llm)
+
+
+def test_latent_cache_holds_one_row_per_token_and_gets_more_blocks(tiny_model):
+    """The same KV budget holds (kv_lora_rank + qk_rope_head_dim) values per token
+    and layer for latent attention, 2 x kv_heads x head_dim for a standard model
+    of the same width and depth."""
+    latent = tiny_config_dict("deepseek_v3")
+    layers = latent["num_hidden_layers"]
+    standard = tiny_model("qwen3", num_hidden_layers=layers)
+    standard_config = tiny_config_dict("qwen3")
+    latent_values = latent["kv_lora_rank"] + latent["qk_rope_head_dim"]
+    standard_values = 2 * standard_config["num_key_value_heads"] * standard_config["head_dim"]
+    assert latent_values < standard_values
+
+    latent_blocks = cache_blocks(tiny_model("deepseek_v3"))
+    standard_blocks = cache_blocks(standard)
+    float32 = 4
+    assert latent_blocks == KV_BYTES // (BLOCK_SIZE * layers * latent_values * float32)
+    assert standard_blocks == KV_BYTES // (BLOCK_SIZE * layers * standard_values * float32)
+    assert latent_blocks / standard_blocks == pytest.approx(standard_values / latent_values,
+                                                            rel=0.01)
