@@ -102,6 +102,7 @@ def test_unsupported_options_are_refused(tiny_model, option, words):
     ("deepseek_v3", {"scoring_func": "softmax"},
      "scoring_func='softmax' in a DeepseekV3ForCausalLM config"),
     ("deepseek_v3", {"topk_method": "greedy"}, "topk_method='greedy'"),
+    ("gpt_oss", {"swiglu_limit": 5.0}, "swiglu_limit=5.0 in a GptOssForCausalLM config"),
 ])
 def test_configs_it_would_get_wrong_are_refused(tiny_model, tmp_path, arch, fields, words):
     model_dir = tmp_path / arch

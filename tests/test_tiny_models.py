@@ -5,7 +5,9 @@ import pytest
 import torch
 import transformers
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.utils import load as mlx_load
+from pathlib import Path
+
+from mlx_lm.utils import load_model, load_tokenizer
 from safetensors import safe_open
 
 from vllm_metal.testing.tiny_models import (
@@ -23,6 +25,15 @@ PROMPTS = [
     "wrote a long letter to his friend in Tokyo about the weather and the trains.",
 ]
 NUM_TOKENS = 16
+
+
+def mlx_load(path: str):
+    """The model definition the plugin runs (mlx-lm's, or the plugin's correction of
+    it: models/registry.py), with mlx-lm's tokenizer and KV cache."""
+    from vllm_metal.models.loader import _classes_by_architecture
+
+    model, _ = load_model(Path(path), get_model_classes=_classes_by_architecture)
+    return model, load_tokenizer(Path(path))
 
 
 @pytest.fixture(scope="module")

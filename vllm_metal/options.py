@@ -98,6 +98,20 @@ def _unreadable_load_format(vllm_config, default) -> bool:
     return load_format != ("gguf" if is_gguf else "safetensors")
 
 
+# vLLM's own per-architecture config hooks run before these checks and set a
+# capture size where the user gave none: architecture -> that size.
+VLLM_SET_CAPTURE_SIZE = {"GptOssForCausalLM": 1024}
+
+
+def _capture_size_given(vllm_config, default) -> bool:
+    size = vllm_config.compilation_config.max_cudagraph_capture_size
+    if size is None:
+        return False
+    model = vllm_config.model_config
+    arch = (model.architectures or [""])[0] if model is not None else ""
+    return size != VLLM_SET_CAPTURE_SIZE.get(arch)
+
+
 def _unsupported_executor(vllm_config, default) -> bool:
     backend = vllm_config.parallel_config.distributed_executor_backend
     return not (backend in (None, "uni", "mp", "ray") or isinstance(backend, type))
@@ -433,8 +447,7 @@ OPTIONS: dict[str, Option] = {
         "there are no CUDA graphs",
         lambda c, d: bool(c.compilation_config.cudagraph_capture_sizes), early=True),
     "max_cudagraph_capture_size": refused(
-        "there are no CUDA graphs",
-        _given_at("compilation_config.max_cudagraph_capture_size"), early=True),
+        "there are no CUDA graphs", _capture_size_given, early=True),
     "ir_op_priority": refused(_NO_KERNEL, lambda c, d: c.kernel_config.ir_op_priority != d,
                               early=True),
     "kernel_config": refused(_NO_KERNEL, _kernel_config_requested, early=True),

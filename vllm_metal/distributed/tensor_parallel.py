@@ -11,7 +11,8 @@ Multi-head latent attention (DeepSeek-V3) splits its heads: the query
 projection's outputs, the per-head absorbed key and value maps (``embed_q``,
 ``unembed_out``) and ``o_proj``'s inputs. The latent projection stays whole, so
 every rank caches the whole latent. Shared experts split like a dense MLP; the
-MoE block's output (routed plus shared) is summed once.
+MoE block's output (routed plus shared) is summed once, so an expert's output
+bias (gpt-oss) is divided by the TP size. Attention sinks split by head.
 
 Runs on the lazily loaded model before its weights are evaluated, so a rank
 reads and keeps only its own slices. Float and MLX-quantized weights alike:
@@ -21,7 +22,8 @@ every parameter of a projection is sliced along the same feature axis.
 import mlx.core as mx
 import mlx.nn as nn
 
-HEAD_COUNT_ATTRIBUTES = ("n_heads", "n_kv_heads", "num_heads", "num_key_value_heads")
+HEAD_COUNT_ATTRIBUTES = ("n_heads", "n_kv_heads", "num_heads", "num_key_value_heads",
+                         "num_attention_heads")
 
 
 class ShardingError(ValueError):
@@ -72,6 +74,9 @@ def _shard_attention(attn: nn.Module, rank: int, size: int, all_sum, where: str)
         for proj in ("q_proj", "k_proj", "v_proj"):
             _split_outputs(getattr(attn, proj), rank, size, None, where)
     attn.o_proj = _row_parallel(attn.o_proj, rank, size, all_sum, where)
+    if "sinks" in attn:  # one attention sink logit per query head
+        attn.sinks = _take_share(attn.sinks, 0, rank, size, [attn.sinks.shape[0]],
+                                 attn.sinks.shape[0], where)
     for name, count in heads.items():
         setattr(attn, name, count // size)
 
@@ -88,7 +93,7 @@ def _split_latent_attention_heads(attn: nn.Module, rank: int, size: int, where: 
 
 
 def _shard_feed_forward(ff: nn.Module, rank: int, size: int, all_sum, where: str) -> nn.Module:
-    experts = getattr(ff, "switch_mlp", None)
+    experts = getattr(ff, "switch_mlp", None) or getattr(ff, "experts", None)  # gpt-oss: experts
     if experts is not None:
         # Each expert keeps 1/N of its intermediate units; the routed sum is reduced once.
         if hasattr(ff, "shared_expert"):
@@ -96,6 +101,8 @@ def _shard_feed_forward(ff: nn.Module, rank: int, size: int, all_sum, where: str
         _split_outputs(experts.gate_proj, rank, size, None, where)
         _split_outputs(experts.up_proj, rank, size, None, where)
         _split_inputs(experts.down_proj, rank, size, where)
+        if "bias" in experts.down_proj:  # added on every rank, summed over all
+            experts.down_proj.bias = experts.down_proj.bias / size
         shared = getattr(ff, "shared_experts", None)
         if shared is not None:
             _split_outputs(shared.gate_proj, rank, size, None, where)

@@ -1,6 +1,7 @@
 """Which Hugging Face architectures run, and on which mlx-lm model definition."""
 
-# Hugging Face `architectures` entry -> mlx-lm model module (mlx_lm.models.<name>).
+# Hugging Face `architectures` entry -> mlx-lm model module (mlx_lm.models.<name>),
+# or this project's module where mlx-lm's needs help (a dotted path).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
@@ -12,6 +13,7 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
     "DeepseekV3ForCausalLM": "deepseek_v3",  # Kimi K2 checkpoints declare it too
+    "GptOssForCausalLM": "vllm_metal.models.gpt_oss",
 }
 
 # mlx-lm attention that applies the mask to grouped-query scores
@@ -40,6 +42,10 @@ AGREED_CONFIG_VALUES = {
         "scoring_func": {"sigmoid"},
         "moe_layer_freq": {1},
     },
+    "GptOssForCausalLM": {  # mlx-lm's SwiGLU has these constants
+        "swiglu_alpha": {1.702},
+        "swiglu_limit": {7.0},
+    },
 }
 
 
@@ -61,5 +67,6 @@ def model_classes(arch: str):
     import importlib
 
     check_architecture(arch)
-    module = importlib.import_module(f"mlx_lm.models.{SUPPORTED_ARCHITECTURES[arch]}")
+    name = SUPPORTED_ARCHITECTURES[arch]
+    module = importlib.import_module(name if "." in name else f"mlx_lm.models.{name}")
     return module.Model, module.ModelArgs

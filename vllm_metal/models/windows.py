@@ -7,7 +7,7 @@ same). Which layers slide depends on the architecture:
 - Mistral, Phi-3, Mixtral, Qwen3-MoE: every layer, with ``sliding_window``
   (Qwen3-MoE only under ``use_sliding_window``; the config clears the window
   otherwise).
-- Qwen2, Qwen3, Gemma 2, Gemma 3: the layers ``layer_types`` marks
+- Qwen2, Qwen3, Gemma 2, Gemma 3, gpt-oss: the layers ``layer_types`` marks
   "sliding_attention" (Qwen: from ``max_window_layers`` on, under
   ``use_sliding_window``; Gemma 2: every other layer, from the first; Gemma 3:
   all but every ``sliding_window_pattern``-th).
@@ -33,6 +33,7 @@ LAYER_TYPES_WINDOW = {
     "Qwen3ForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
+    "GptOssForCausalLM",
 }
 MLX_LM_GEMMA3_DEFAULT_PATTERN = 6
 

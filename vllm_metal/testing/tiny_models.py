@@ -251,6 +251,19 @@ def _deepseek_v3():
     )
 
 
+def _gpt_oss():
+    """Attention sinks, a window of 8 on every other layer (from the first), YaRN
+    RoPE as gpt-oss ships it (transformers' default), biased experts."""
+    return dict(
+        model_type="gpt_oss",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=64,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+
+
 TINY_ARCHS = {
     "llama": _llama,
     "qwen2": _qwen2,
@@ -262,6 +275,7 @@ TINY_ARCHS = {
     "mixtral": _mixtral,
     "qwen3_moe": _qwen3_moe,
     "deepseek_v3": _deepseek_v3,
+    "gpt_oss": _gpt_oss,
 }
 SUPPORTED_TINY_ARCHS = list(TINY_ARCHS)
 
@@ -345,6 +359,8 @@ def _legacy_config_keys(hf_config) -> dict:
         keys["sliding_window_pattern"] = hf_config.layer_types.index("full_attention") + 1
     if hf_config.model_type == "qwen3_moe":
         keys["num_experts"] = hf_config.num_experts
+    if rope.get("rope_type") == "yarn":
+        keys["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     return keys
 
 
@@ -369,6 +385,11 @@ def _save_initialized_model(hf_config, out_dir: Path, dtype: str, seed: int):
             if name.endswith("e_score_correction_bias"):
                 # Zero at init; a spread makes routing depend on the correction too.
                 tensor.normal_(0.0, 0.5)
+        if hf_config.model_type == "gpt_oss":
+            # Its projections and experts carry biases, zero at init: give them values.
+            for name, tensor in model.named_parameters():
+                if name.endswith("bias") and "router" not in name:
+                    tensor.normal_(0.0, 0.1)
     model.to(getattr(torch, dtype))
     with _no_progress_bars():
         model.save_pretrained(out_dir, safe_serialization=True)

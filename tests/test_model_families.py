@@ -1,7 +1,11 @@
-"""DeepSeek-V3 (the architecture Kimi K2 checkpoints declare): multi-head latent
-attention on the paged cache and routed plus shared experts with group-limited
-routing. Greedy tokens equal transformers' float32 ones alone, batched, and
-split over TP=2 and PP=2; the cache holds one latent row per token."""
+"""DeepSeek-V3 (the architecture Kimi K2 checkpoints declare) and gpt-oss.
+
+DeepSeek-V3: multi-head latent attention on the paged cache, routed plus shared
+experts with group-limited routing, a dense first layer, with and without a
+compressed query. gpt-oss: attention sinks, a sliding window on every other
+layer (8 tokens here, so every prompt outgrows it), YaRN RoPE, biased experts.
+Greedy tokens equal transformers' float32 ones alone, batched, and split over
+TP=2 and PP=2; the latent cache holds one row per token."""
 
 import pytest
 from conftest import KV_BYTES, start_llm, stop_llm
@@ -38,9 +42,13 @@ def generate(llm, prompts: list[list[int]]) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-@pytest.mark.parametrize("q_lora_rank", [32, None], ids=["q_lora", "q_proj"])
-def test_greedy_matches_transformers_batched_and_alone(tiny_model, q_lora_rank):
-    model = tiny_model("deepseek_v3", q_lora_rank=q_lora_rank)
+@pytest.mark.parametrize("arch,overrides", [
+    ("deepseek_v3", {}),
+    ("deepseek_v3", {"q_lora_rank": None}),
+    ("gpt_oss", {}),
+], ids=["deepseek_v3-q_lora", "deepseek_v3-q_proj", "gpt_oss"])
+def test_greedy_matches_transformers_batched_and_alone(tiny_model, arch, overrides):
+    model = tiny_model(arch, **overrides)
     prompts = prompt_ids(model)
     expected = reference(model, prompts)
     llm = start_llm(model)
@@ -53,10 +61,11 @@ def test_greedy_matches_transformers_batched_and_alone(tiny_model, q_lora_rank):
     assert alone == expected
 
 
+@pytest.mark.parametrize("arch", ["deepseek_v3", "gpt_oss"])
 @pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2),
                                     dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
-def test_split_over_two_ranks_matches_transformers(tiny_model, layout):
-    model = tiny_model("deepseek_v3")
+def test_split_over_two_ranks_matches_transformers(tiny_model, arch, layout):
+    model = tiny_model(arch)
     prompts = prompt_ids(model)
     llm = start_llm(model, **layout)
     try:
