@@ -90,7 +90,10 @@ REFUSED_EXAMPLES = {
     "attention_config": {"attention_config": {"flash_attn_version": 3}},
     "engram_config": {"engram_config": {"cpu_offload": False}},
     "additional_config": {"additional_config": {"key": 1}},
-    "enable_lora": {"enable_lora": True},
+    "lora_dtype": {"enable_lora": True, "lora_dtype": "float16"},
+    "specialize_active_lora": {"enable_lora": True, "specialize_active_lora": True},
+    "enable_mixed_moe_lora_format": {"enable_lora": True, "enable_mixed_moe_lora_format": True},
+    "enable_moe_shared_loras": {"enable_lora": True, "enable_moe_shared_loras": True},
     "collect_detailed_traces": {"collect_detailed_traces": ["model"],
                                 "otlp_traces_endpoint": "http://127.0.0.1:4317"},
     "cudagraph_metrics": {"cudagraph_metrics": True},
@@ -154,6 +157,8 @@ def test_refused_option_stops_startup_naming_it(tiny_model, name):
     {"distributed_executor_backend": "mp"},
     {"distributed_executor_backend": "ray"},
     {"reasoning_parser": "qwen3"},
+    {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8, "max_cpu_loras": 4,
+     "lora_dtype": "auto", "lora_target_modules": ["q_proj"]},
 ])
 def test_settings_the_platform_runs_anyway_are_accepted(tiny_model, options):
     config = engine_config(tiny_model("qwen3"), **options)

@@ -81,7 +81,8 @@ def test_unsupported_architecture_is_refused_with_the_list(tiny_model, tmp_path)
 
 @pytest.mark.parametrize("option,words", [
     ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
-    ({"enable_lora": True}, "LoRA"),
+    ({"enable_lora": True, "lora_dtype": "float16"}, "--lora-dtype"),
+    ({"enable_lora": True, "specialize_active_lora": True}, "--specialize-active-lora"),
     ({"tensor_parallel_size": 4}, "2 KV heads, and both must divide"),
     ({"runner": "pooling"}, "only text generation"),
     ({"speculative_config": {"method": "draft_model", "num_speculative_tokens": 2}}, "ngram"),

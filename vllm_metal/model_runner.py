@@ -106,6 +106,7 @@ class MetalModelRunner:
         self.async_scheduling = bool(self.scheduler_config.async_scheduling)
         self.in_flight: InFlightTokens | None = None
         self.debug = envs.VLLM_METAL_DEBUG
+        self.adapters = None  # vllm_metal.lora.Adapters under --enable-lora
         self.drafter = None
         self.num_spec_tokens = 0
         self.draft_token_ids: DraftTokenIds | None = None
@@ -126,6 +127,12 @@ class MetalModelRunner:
         self.model = CausalLM(load_model(checkpoint, self.dtype, self._partition))
         if self.stage_layers is None:
             self.stage_layers = range(self.model.num_layers)
+        lora_config = self.vllm_config.lora_config
+        if lora_config is not None:
+            from vllm_metal.lora import Adapters
+
+            self.adapters = Adapters(self.model.model, lora_config, self.max_model_len,
+                                     mx_dtype(self.dtype))
         arch = (self.model_config.architectures or [""])[0]
         self.grouped_mask = (arch in GROUPED_SCORE_MASK and
                              self.model_config.get_total_num_kv_heads() != hf_config.num_attention_heads)
@@ -207,7 +214,8 @@ class MetalModelRunner:
         # Compiled decode steps: one rank (collectives stay outside traced graphs),
         # unless --enforce-eager.
         self.decode_graphs = None
-        if self.parallel is None and not self.model_config.enforce_eager:
+        # A traced step would keep the adapter slots it was traced with: LoRA runs eager.
+        if self.parallel is None and not self.model_config.enforce_eager and self.adapters is None:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.layer_windows,
                                               self.grouped_mask)
         self.input_batch = InputBatch(
@@ -432,6 +440,9 @@ class MetalModelRunner:
                  int(batch.num_prompt_tokens[row]))
                 for i, row in enumerate(group.rows)])
         block_table = batch.block_table[0].get_numpy_array()[rows]
+        if self.adapters is not None:
+            self.adapters.activate([int(batch.request_lora_mapping[row]) for row in group.rows],
+                                   batch.lora_id_to_lora_request)
         if self.decode_graphs is not None and L == 1 and not any(
                 batch.req_ids[row] in self.num_prompt_logprobs for row in group.rows):
             return self.decode_graphs.logits(tokens, block_table, np.asarray(group.starts))

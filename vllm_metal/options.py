@@ -182,7 +182,14 @@ def _reasoning_config_set(vllm_config, default) -> bool:
 
 _MULTIMODAL = not_applicable("multimodal models are refused, and vLLM drops this option for "
                              "text-only models")
-_LORA = not_applicable("LoRA only: --enable-lora is refused")
+
+
+def _lora_dtype_other(vllm_config, default) -> bool:
+    lora = vllm_config.lora_config
+    model = vllm_config.model_config
+    return lora is not None and lora.lora_dtype not in (
+        None, "auto", model.dtype if model is not None else None)
+
 _DATA_PARALLEL = not_applicable("data parallel only: --data-parallel-size above 1 is refused")
 _EXPERT_PARALLEL = not_applicable("expert parallel only: --enable-expert-parallel is refused")
 _CONTEXT_PARALLEL = not_applicable("context parallel only: context parallel sizes above 1 "
@@ -479,19 +486,25 @@ OPTIONS: dict[str, Option] = {
     "mamba_cache_philox_rounds": _MAMBA,
 
     # ---- LoRA
-    "enable_lora": refused("LoRA adapters are not supported", _given_at("lora_config")),
-    "max_loras": _LORA,
-    "max_lora_rank": _LORA,
-    "default_mm_loras": _LORA,
-    "fully_sharded_loras": _LORA,
-    "max_cpu_loras": _LORA,
-    "lora_dtype": _LORA,
-    "lora_target_modules": _LORA,
-    "enable_tower_connector_lora": _LORA,
-    "specialize_active_lora": _LORA,
-    "enable_mixed_moe_lora_format": _LORA,
-    "enable_moe_shared_loras": _LORA,
-    "max_lora_cls_labels": _LORA,
+    "enable_lora": plugin("adapters applied in MLX to the attention and MLP projections "
+                          "(vllm_metal/lora.py); one rank only"),
+    "max_loras": plugin("adapter slots per batch"),
+    "max_lora_rank": plugin("the largest rank an adapter may have; larger ones are refused "
+                            "when they load"),
+    "max_cpu_loras": plugin("adapters kept loaded; the least recently used unpinned one goes"),
+    "lora_target_modules": plugin("only these projections take adapters"),
+    "lora_dtype": refused("adapters run in the model's dtype", _lora_dtype_other),
+    "fully_sharded_loras": not_applicable("tensor parallel only: LoRA with TP or PP is refused"),
+    "default_mm_loras": _MULTIMODAL,
+    "enable_tower_connector_lora": _MULTIMODAL,
+    "specialize_active_lora": refused("it specializes CUDA graphs; there are none here",
+                                      _true_at("lora_config.specialize_active_lora")),
+    "enable_mixed_moe_lora_format": refused("MoE experts take no adapters here",
+                                            _true_at("lora_config.enable_mixed_moe_lora_format")),
+    "enable_moe_shared_loras": refused("MoE experts take no adapters here",
+                                       _true_at("lora_config.enable_moe_shared_loras")),
+    "max_lora_cls_labels": not_applicable("classification models only; pooling runners are "
+                                          "refused"),
 
     # ---- multimodal
     "limit_mm_per_prompt": _MULTIMODAL,

@@ -268,6 +268,9 @@ def parallel_problems(vllm_config) -> list[str]:
     problems = []
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     backend = parallel.distributed_executor_backend
+    if vllm_config.lora_config is not None:
+        problems.append("--enable-lora with tensor or pipeline parallel (adapters run on one "
+                        "rank: leave out --tensor-parallel-size/--pipeline-parallel-size)")
     if backend == "uni":
         problems.append(
             "--distributed-executor-backend uni with more than one rank (leave the option "

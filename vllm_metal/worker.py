@@ -191,6 +191,25 @@ class MetalWorker(WorkerBase):
     def reset_mm_cache(self) -> None:
         return None
 
+    # ---- LoRA (vllm_metal.lora) --------------------------------------------
+    def add_lora(self, lora_request) -> bool:
+        return self._adapters().add(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self._adapters().remove(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self._adapters().ids()
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return self._adapters().pin(lora_id)
+
+    def _adapters(self):
+        adapters = self.model_runner.adapters
+        if adapters is None:
+            raise RuntimeError("LoRA adapters need --enable-lora")
+        return adapters
+
     def check_health(self) -> None:
         return None
 

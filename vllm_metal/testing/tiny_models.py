@@ -537,3 +537,49 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# LoRA adapters
+
+LORA_MODULES = ("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
+
+
+def write_tiny_lora(model_dir, out_dir, *, seed: int = 0, rank: int = 4, alpha: int = 8,
+                    modules=LORA_MODULES, std: float = 0.3) -> Path:
+    """A PEFT LoRA adapter for the tiny checkpoint in ``model_dir``, as PEFT saves
+    one (adapter_config.json, adapter_model.safetensors), with random A and B (PEFT
+    starts B at zero, which would change nothing)."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden, head_dim = config["hidden_size"], config["head_dim"]
+    shapes = {  # (out, in) of each projection
+        "q_proj": (config["num_attention_heads"] * head_dim, hidden),
+        "k_proj": (config["num_key_value_heads"] * head_dim, hidden),
+        "v_proj": (config["num_key_value_heads"] * head_dim, hidden),
+        "o_proj": (hidden, config["num_attention_heads"] * head_dim),
+        "gate_proj": (config["intermediate_size"], hidden),
+        "up_proj": (config["intermediate_size"], hidden),
+        "down_proj": (hidden, config["intermediate_size"]),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module in modules:
+            block = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            out_features, in_features = shapes[module]
+            tensors[f"{prefix}.lora_A.weight"] = torch.empty(rank, in_features).normal_(
+                0.0, std, generator=generator)
+            tensors[f"{prefix}.lora_B.weight"] = torch.empty(out_features, rank).normal_(
+                0.0, std, generator=generator)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    _write_json(out_dir / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+        "target_modules": list(modules), "bias": "none", "lora_dropout": 0.0,
+        "base_model_name_or_path": str(model_dir),
+    })
+    return out_dir
