@@ -232,3 +232,36 @@ def test_engine_process_and_middleware_contact():
     assert parser.parse_args(["--model", "m", "--middleware", "a.b"]).middleware == [
         *MIDDLEWARE, "a.b"]
 
+
+
+def test_lora_contact():
+    """vllm_metal.lora reads adapter configs with vLLM's PEFTHelper and each row's
+    adapter from the input batch; the worker answers the engine's LoRA calls."""
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    assert params(PEFTHelper.from_local_dir) >= {"lora_path", "max_position_embeddings"}
+    assert params(PEFTHelper.validate_legal) >= {"lora_config"}
+    assert params(PEFTHelper.get_rank_and_scaling) >= {"module_name"}
+    init = inspect.getsource(InputBatch.__init__)
+    assert "self.request_lora_mapping" in init and "self.lora_id_to_lora_request" in init
+    for method in ("add_lora", "remove_lora", "list_loras", "pin_lora"):
+        assert hasattr(WorkerBase, method), method
+
+
+def test_latent_attention_and_model_hook_contact():
+    """Latent attention's cache spec and vLLM's MLA switch; the capture size vLLM's
+    gpt-oss hook sets (vllm_metal.options.VLLM_SET_CAPTURE_SIZE)."""
+    import torch
+    from vllm.config import ModelConfig
+    from vllm.model_executor.models.config import GptOssForCausalLMConfig
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    from vllm_metal.options import VLLM_SET_CAPTURE_SIZE
+
+    spec = MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=576, dtype=torch.bfloat16)
+    assert spec.page_size_bytes == 16 * 576 * 2
+    assert isinstance(ModelConfig.use_mla, property)
+    hook = inspect.getsource(GptOssForCausalLMConfig.verify_and_update_config)
+    assert f"max_cudagraph_capture_size = {VLLM_SET_CAPTURE_SIZE['GptOssForCausalLM']}" in hook
