@@ -1,5 +1,5 @@
 """LoRA adapters (PEFT safetensors) applied in MLX: each request gets the greedy
-tokens of transformers float32 with its adapter merged into the weights, alone or
+tokens of transformers float32 running its adapter through PEFT, alone or
 in a batch mixing two adapters and none; adapters load, list and unload through
 vLLM's API and `vllm serve --lora-modules`; bad adapters are refused by name."""
 
@@ -10,7 +10,7 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 
-from vllm_metal.testing.reference import greedy_tokens, load_hf, with_lora_merged
+from vllm_metal.testing.reference import greedy_tokens, load_hf, with_peft_adapter
 from vllm_metal.testing.server import Server
 from vllm_metal.testing.tiny_models import write_tiny_lora
 
@@ -31,7 +31,7 @@ def adapted(tiny_model, tmp_path_factory):
     }
     expected = {0: [greedy_tokens(load_hf(model), p, GREEDY.max_tokens) for p in PROMPTS]}
     for lora_id, path in adapters.items():
-        hf = with_lora_merged(load_hf(model), path)
+        hf = with_peft_adapter(load_hf(model), path)
         expected[lora_id] = [greedy_tokens(hf, p, GREEDY.max_tokens) for p in PROMPTS]
     assert expected[1] != expected[0] and expected[2] != expected[1]
     return model, adapters, expected

@@ -55,24 +55,10 @@ def mlx_lm_greedy(model_dir: str, prompt_ids: list[int], max_new_tokens: int) ->
     return out
 
 
-def with_lora_merged(model, adapter_dir):
-    """``model`` (a transformers model) with a PEFT LoRA adapter folded into its
-    weights, W + (alpha / r) B A, as PEFT's merge does: the reference for an
-    adapter's tokens."""
-    import json
-    from pathlib import Path
 
-    from safetensors.torch import load_file
+def with_peft_adapter(model, adapter_dir):
+    """``model`` (a transformers model) running a PEFT LoRA adapter through PEFT
+    itself: the reference for an adapter's tokens."""
+    from peft import PeftModel
 
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    scaling = config["lora_alpha"] / config["r"]
-    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, a in tensors.items():
-            if name.endswith(".lora_A.weight"):
-                b = tensors[name.replace(".lora_A.", ".lora_B.")]
-                target = name.removeprefix("base_model.model.").replace(".lora_A.weight",
-                                                                         ".weight")
-                params[target].add_(scaling * (b.float() @ a.float()))
-    return model
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
