@@ -25,12 +25,33 @@ def quantized(tiny_model, tmp_path_factory):
     def make(arch: str, bits: int) -> str:
         if (arch, bits) not in made:
             out = tmp_path_factory.mktemp(f"{arch}-q{bits}") / "model"
-            convert(tiny_model(arch), mlx_path=str(out), quantize=True, q_group_size=32,
-                    q_bits=bits, dtype="float32")
+            if arch in QUANTIZED_LIKE_MLX_COMMUNITY:
+                quantize_like_mlx_community(tiny_model(arch), out, bits)
+            else:
+                convert(tiny_model(arch), mlx_path=str(out), quantize=True, q_group_size=32,
+                        q_bits=bits, dtype="float32")
             made[arch, bits] = str(out)
         return made[arch, bits]
 
     return make
+
+
+# mlx-community's gpt-oss: MXFP4 experts and attention, 8-bit router (mlx-lm's own
+# predicate). mlx_lm.convert reads transformers' float gpt-oss files wrongly
+# (vllm_metal/models/gpt_oss.py), so the checkpoint is quantized from the plugin's load.
+QUANTIZED_LIKE_MLX_COMMUNITY = {"gpt_oss": "mxfp4"}
+
+
+def quantize_like_mlx_community(model_dir: str, out: Path, bits: int) -> None:
+    from mlx_lm.utils import load_model, load_tokenizer, quantize_model, save
+
+    from vllm_metal.models.loader import _classes_by_architecture
+
+    model, config = load_model(Path(model_dir), get_model_classes=_classes_by_architecture)
+    arch = config["model_type"]
+    model, config = quantize_model(model, config, 32, bits, mode=QUANTIZED_LIKE_MLX_COMMUNITY[arch],
+                                   quant_predicate=model.quant_predicate)
+    save(out, model_dir, model, load_tokenizer(Path(model_dir)), config)
 
 
 def generate(model_dir):
@@ -42,7 +63,8 @@ def generate(model_dir):
         stop_llm(llm)
 
 
-@pytest.mark.parametrize("arch,bits", [("qwen3", 4), ("llama", 8), ("deepseek_v3", 4)])
+@pytest.mark.parametrize("arch,bits", [("qwen3", 4), ("llama", 8), ("deepseek_v3", 4),
+                                       ("gpt_oss", 4)])
 @pytest.mark.parametrize("dequantize", ["0", "1"])
 def test_greedy_matches_mlx_lm_on_the_same_files(quantized, monkeypatch, arch, bits, dequantize):
     monkeypatch.setenv("VLLM_METAL_DEQUANTIZE", dequantize)

@@ -38,14 +38,17 @@ def logprobs(model, token_ids: list[int]) -> torch.Tensor:
 
 
 def mlx_lm_greedy(model_dir: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """mlx-lm's own model and KV cache on the same files, one token at a time."""
+    """mlx-lm's loading and KV cache on the same files, one token at a time, with the
+    model definition the plugin runs (mlx-lm's, or its correction: models/registry.py)."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_model
 
     from pathlib import Path
 
-    model, _ = load_model(Path(model_dir))
+    from vllm_metal.models.loader import _classes_by_architecture
+
+    model, _ = load_model(Path(model_dir), get_model_classes=_classes_by_architecture)
     cache = make_prompt_cache(model)
     tokens, out = mx.array([prompt_ids]), []
     for _ in range(max_new_tokens):
