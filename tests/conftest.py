@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 
@@ -37,7 +38,7 @@ def tiny_model(tmp_path_factory):
     made = {}
 
     def make(arch: str, **overrides) -> str:
-        key = (arch, tuple(sorted(overrides.items())))
+        key = (arch, json.dumps(overrides, sort_keys=True))
         if key not in made:
             made[key] = str(write_tiny_model(arch, tmp_path_factory.mktemp(arch), **overrides))
         return made[key]

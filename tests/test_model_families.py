@@ -42,11 +42,20 @@ def generate(llm, prompts: list[list[int]]) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
+# DeepSeek-V3's and Kimi K2's YaRN (mscale on the attention scale), with an original
+# length this short so that it changes the tiny model's rotary frequencies.
+DEEPSEEK_YARN = {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "mscale": 1.0,
+                                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 64,
+                                     "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0},
+                 "max_position_embeddings": 2560}
+
+
 @pytest.mark.parametrize("arch,overrides", [
     ("deepseek_v3", {}),
     ("deepseek_v3", {"q_lora_rank": None}),
+    ("deepseek_v3", DEEPSEEK_YARN),
     ("gpt_oss", {}),
-], ids=["deepseek_v3-q_lora", "deepseek_v3-q_proj", "gpt_oss"])
+], ids=["deepseek_v3-q_lora", "deepseek_v3-q_proj", "deepseek_v3-yarn", "gpt_oss"])
 def test_greedy_matches_transformers_batched_and_alone(tiny_model, arch, overrides):
     model = tiny_model(arch, **overrides)
     prompts = prompt_ids(model)
