@@ -111,3 +111,23 @@ def test_latent_cache_holds_one_row_per_token_and_gets_more_blocks(tiny_model):
     assert standard_blocks == KV_BYTES // (BLOCK_SIZE * layers * standard_values * float32)
     assert latent_blocks / standard_blocks == pytest.approx(standard_values / latent_values,
                                                             rel=0.01)
+
+
+def test_a_kimi_k2_checkpoint_runs_as_deepseek_v3(tiny_model, tmp_path):
+    """Kimi K2 checkpoints declare DeepseekV3ForCausalLM with model_type kimi_k2 (which
+    vLLM reads as DeepSeek-V3's config; transformers has no class for it)."""
+    import json
+    import shutil
+
+    deepseek = tiny_model("deepseek_v3")
+    kimi = tmp_path / "kimi-k2"
+    shutil.copytree(deepseek, kimi)
+    config = json.loads((kimi / "config.json").read_text())
+    (kimi / "config.json").write_text(json.dumps({**config, "model_type": "kimi_k2"}))
+    prompts = prompt_ids(deepseek)
+    llm = start_llm(str(kimi))
+    try:
+        got = generate(llm, prompts)
+    finally:
+        stop_llm(llm)
+    assert got == reference(deepseek, prompts)
