@@ -16,6 +16,11 @@ class CausalLM:
             args, "final_logit_softcapping", None
         )
 
+    def modules(self):
+        """No torch modules: vLLM's in-process engine walks ``model_runner.model.modules()``
+        at exit to release torch.compile wrappers."""
+        return iter(())
+
     @property
     def num_layers(self) -> int:
         return len(self.model.layers)
