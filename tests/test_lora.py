@@ -67,10 +67,18 @@ def test_each_request_gets_its_adapters_tokens_mixed_and_alone(adapted, max_lora
 
 
 def test_adapters_load_list_unload_and_bad_ones_are_refused_by_name(adapted, tmp_path):
+    """One slot and room for one loaded adapter: a pinned adapter stays while another
+    serves a request; an adapter reloaded in place (load_inplace) takes its new weights."""
     model, adapters, expected = adapted
     too_big = write_tiny_lora(model, tmp_path / "big", rank=16)
-    llm = start_llm(model, max_loras=2, **LORA_OPTIONS)
+    llm = start_llm(model, max_loras=1, max_cpu_loras=1, **LORA_OPTIONS)
     engine = llm.llm_engine
+
+    def first_prompt(request):
+        out = llm.generate([TokensPrompt(prompt_token_ids=PROMPTS[0])], GREEDY,
+                           lora_request=request)
+        return list(out[0].outputs[0].token_ids)
+
     try:
         for bad, words in [(LoRARequest("big", 5, str(too_big)), "rank 16 is greater than max_lora_rank 8"),
                            (LoRARequest("gone", 6, str(tmp_path / "nowhere")), "not a local directory")]:
@@ -79,11 +87,14 @@ def test_adapters_load_list_unload_and_bad_ones_are_refused_by_name(adapted, tmp
         assert engine.add_lora(lora_request(adapters, 1))
         assert set(engine.list_loras()) == {1}
         assert engine.pin_lora(1)
+        assert first_prompt(lora_request(adapters, 2)) == expected[2][0]
+        assert 1 in set(engine.list_loras())
+        assert first_prompt(lora_request(adapters, 1)) == expected[1][0]
+        reloaded = LoRARequest("a1", 1, str(adapters[2]), load_inplace=True)
+        assert engine.add_lora(reloaded)
+        assert first_prompt(reloaded) == expected[2][0]
         assert engine.remove_lora(1)
-        assert not engine.list_loras()
-        out = llm.generate([TokensPrompt(prompt_token_ids=PROMPTS[0])], GREEDY,
-                           lora_request=lora_request(adapters, 2))
-        assert list(out[0].outputs[0].token_ids) == expected[2][0]
+        assert 1 not in set(engine.list_loras())
     finally:
         stop_llm(llm)
 

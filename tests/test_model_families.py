@@ -131,3 +131,9 @@ def test_a_kimi_k2_checkpoint_runs_as_deepseek_v3(tiny_model, tmp_path):
     finally:
         stop_llm(llm)
     assert got == reference(deepseek, prompts)
+
+
+def test_deepseek_without_latent_attention_is_refused(tiny_model, monkeypatch):
+    monkeypatch.setenv("VLLM_MLA_DISABLE", "1")
+    with pytest.raises(Exception, match="DeepseekV3ForCausalLM without latent attention"):
+        start_llm(tiny_model("deepseek_v3"))

@@ -97,13 +97,17 @@ class Adapters:
                     len(self.modules), self.max_loras, self.max_rank)
 
     # ---- the worker's calls ------------------------------------------------
-    def add(self, lora_request) -> bool:
+    def add(self, lora_request, keep: frozenset[int] = frozenset()) -> bool:
+        """Load the adapter (again, with new weights, under ``load_inplace``); ``keep``:
+        ids the forward being built needs, never evicted to make room."""
         lora_id = lora_request.lora_int_id
-        if lora_id in self.loaded:
+        if lora_id in self.loaded and not getattr(lora_request, "load_inplace", False):
             self.loaded.move_to_end(lora_id)
             return False
         self.loaded[lora_id] = self._read(lora_request)
-        self._evict_beyond(self.max_loaded)
+        self.loaded.move_to_end(lora_id)
+        self._free_slot(lora_id)  # a reload refills its slot when next used
+        self._evict_beyond(self.max_loaded, keep | {lora_id})
         return True
 
     def remove(self, lora_id: int) -> bool:
@@ -136,7 +140,7 @@ class Adapters:
                             f"{self.max_loras}")
         for lora_id in wanted:
             if lora_id not in self.loaded:
-                self.add(requests[lora_id])
+                self.add(requests[lora_id], keep=frozenset(wanted))
             self.loaded.move_to_end(lora_id)
             if lora_id not in self.slot_of:
                 self._fill_slot(lora_id, keep=wanted)
@@ -157,9 +161,11 @@ class Adapters:
         tensors = mx.load(str(weights_file))
         weights = {}
         for name in sorted(tensors):
-            if not name.endswith(".lora_A.weight"):
-                if not name.endswith(".lora_B.weight"):
-                    raise LoRAError(f"{where}: tensor {name} is not a LoRA A or B weight")
+            pair = (name.replace(".lora_B.", ".lora_A.") if name.endswith(".lora_B.weight")
+                    else name.replace(".lora_A.", ".lora_B."))
+            if not name.endswith((".lora_A.weight", ".lora_B.weight")) or pair not in tensors:
+                raise LoRAError(f"{where}: tensor {name} is not half of a LoRA A/B pair")
+            if name.endswith(".lora_B.weight"):
                 continue
             module = name.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
             if module not in self.modules:
@@ -202,11 +208,13 @@ class Adapters:
     def _free_slot(self, lora_id: int) -> None:
         self.slot_of.pop(lora_id, None)
 
-    def _evict_beyond(self, limit: int) -> None:
+    def _evict_beyond(self, limit: int, keep: set[int]) -> None:
+        """Drop least recently used adapters down to ``limit``, never pinned ones or
+        ``keep``; with too few others, more stay loaded until they can go."""
         for lora_id in list(self.loaded):
             if len(self.loaded) <= limit:
                 return
-            if lora_id not in self.pinned:
+            if lora_id not in self.pinned and lora_id not in keep:
                 del self.loaded[lora_id]
                 self._free_slot(lora_id)
 

@@ -202,13 +202,21 @@ def refuse_unsupported(vllm_config) -> None:
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
     if model is not None:
-        from vllm_metal.models.registry import check_architecture, config_problems
+        from vllm_metal.models.registry import (
+            LATENT_ATTENTION,
+            check_architecture,
+            config_problems,
+        )
         from vllm_metal.models.windows import window_problems
 
         for arch in model.architectures or []:
             check_architecture(arch)
             problems += window_problems(arch, model.hf_text_config)
             problems += config_problems(arch, model.hf_text_config)
+            if arch in LATENT_ATTENTION and not model.use_mla:
+                problems.append(
+                    f"{arch} without latent attention (VLLM_MLA_DISABLE=1, or a non-causal "
+                    "config): its model here always caches the latent; unset VLLM_MLA_DISABLE")
         if model.is_multimodal_model:
             problems.append("multimodal models (only text-only models are supported)")
         _check_weights_present(model.model)

@@ -43,7 +43,7 @@ def unrounded_yarn_periods(dims: int, base: float, scaling: dict) -> mx.array:
     ``factor`` above ``high``, a linear blend between."""
     factor = scaling["factor"]
     original_length = scaling["original_max_position_embeddings"]
-    beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
 
     def dimension_with(rotations: float) -> float:
         return dims * math.log(original_length / (rotations * 2 * math.pi)) / (2 * math.log(base))

@@ -16,6 +16,9 @@ SUPPORTED_ARCHITECTURES = {
     "GptOssForCausalLM": "vllm_metal.models.gpt_oss",
 }
 
+# Multi-head latent attention: the cache holds one latent row per token.
+LATENT_ATTENTION = {"DeepseekV3ForCausalLM"}
+
 # mlx-lm attention that applies the mask to grouped-query scores
 # [B, kv_heads, q_per_kv, L, S], so a per-sequence mask needs that rank too.
 GROUPED_SCORE_MASK = {"Gemma2ForCausalLM"}
