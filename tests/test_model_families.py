@@ -125,12 +125,19 @@ def test_a_kimi_k2_checkpoint_runs_as_deepseek_v3(tiny_model, tmp_path):
     config = json.loads((kimi / "config.json").read_text())
     (kimi / "config.json").write_text(json.dumps({**config, "model_type": "kimi_k2"}))
     prompts = prompt_ids(deepseek)
+    expected = reference(deepseek, prompts)
+    # vLLM reads kimi_k2 by setting DeepseekV3Config.model_type for the whole process;
+    # later tests write and read DeepSeek-V3 configs.
+    from transformers import DeepseekV3Config
+
+    model_type = DeepseekV3Config.model_type
     llm = start_llm(str(kimi))
     try:
         got = generate(llm, prompts)
     finally:
         stop_llm(llm)
-    assert got == reference(deepseek, prompts)
+        DeepseekV3Config.model_type = model_type
+    assert got == expected
 
 
 def test_deepseek_without_latent_attention_is_refused(tiny_model, monkeypatch):
