@@ -9,6 +9,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+# Prompts of four lengths (1 to about 240 tokens) that parity tests give both the
+# engine and transformers.
+PARITY_PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog",
+    "Once upon a time there was a small village by the sea, and every morning the "
+    "fishermen went out before dawn to bring back their catch for the market.",
+    " ".join(f"word{i}" for i in range(120)),
+]
+
 # Small, fixed KV caches keep engines quick to start and let several run at once.
 KV_BYTES = 64 * 1024**2
 

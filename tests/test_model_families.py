@@ -8,7 +8,7 @@ Greedy tokens equal transformers' float32 ones alone, batched, and split over
 TP=2 and PP=2; the latent cache holds one row per token."""
 
 import pytest
-from conftest import KV_BYTES, start_llm, stop_llm
+from conftest import PARITY_PROMPTS, KV_BYTES, start_llm, stop_llm
 from transformers import AutoTokenizer
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
@@ -16,13 +16,7 @@ from vllm.inputs import TokensPrompt
 from vllm_metal.testing.reference import greedy_tokens, load_hf
 from vllm_metal.testing.tiny_models import tiny_config_dict
 
-PROMPTS = [
-    "Hello",
-    "The quick brown fox jumps over the lazy dog",
-    "Once upon a time there was a small village by the sea, and every morning the "
-    "fishermen went out before dawn to bring back their catch for the market.",
-    " ".join(f"word{i}" for i in range(120)),
-]
+PROMPTS = PARITY_PROMPTS
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 BLOCK_SIZE = 16
 

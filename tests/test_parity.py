@@ -2,7 +2,7 @@
 several prompts of different lengths submitted together."""
 
 import pytest
-from conftest import start_llm, stop_llm
+from conftest import PARITY_PROMPTS, start_llm, stop_llm
 from transformers import AutoTokenizer
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
@@ -11,13 +11,7 @@ from vllm_metal.testing.reference import greedy_tokens, load_hf
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "mixtral",
          "qwen3_moe"]
-PROMPTS = [
-    "Hello",
-    "The quick brown fox jumps over the lazy dog",
-    "Once upon a time there was a small village by the sea, and every morning the "
-    "fishermen went out before dawn to bring back their catch for the market.",
-    " ".join(f"word{i}" for i in range(120)),
-]
+PROMPTS = PARITY_PROMPTS
 NEW_TOKENS = 16
 
 
