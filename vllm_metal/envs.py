@@ -12,6 +12,8 @@
 | VLLM_METAL_DISTRIBUTED_BACKEND | ring | ring, jaccl or nccl: the mx.distributed backend for tensor/pipeline parallel collectives (ring: TCP; jaccl: RDMA over Thunderbolt; nccl: NVIDIA GPUs, MLX's CUDA build, one GPU per rank) |
 | VLLM_METAL_CONNECT_TIMEOUT | 30 | seconds a rank waits to reach the coordinator (rank 0's --master-addr:--master-port) before giving up |
 | VLLM_METAL_MAX_WAITING_REQUESTS | none | `vllm serve`: generation requests allowed to wait beyond the `--max-num-seqs` running ones; past that a request gets HTTP 429 at once (none: no bound) |
+| VLLM_METAL_FUSE_PROJECTIONS | 1 | 1 fuses projections that read the same input (attention's q/k/v, an MLP's gate/up) into one matmul at load: fewer primitives for the host to issue per step; 0 keeps them apart (off anyway with LoRA, whose adapters attach to each projection) |
+| VLLM_METAL_PAGED_ATTENTION_KERNEL | auto | auto, 1 or 0: decode attention as one custom kernel reading the paged pools (auto: on MLX's CUDA build, where MLX's fused attention takes no array mask); 0 gathers the context and runs MLX's attention |
 | VLLM_METAL_PEER_TIMEOUT | 3 | seconds a rank of a TP/PP engine waits for a silent peer's heartbeat (a stopped or hung process, a link down) before it stops the engine |
 
 A bad value stops startup with a message naming the variable and what it accepts.
@@ -143,6 +145,11 @@ _SETTINGS = [
             "coordinator connect timeout"),
     Setting("VLLM_METAL_MAX_WAITING_REQUESTS", "none",
             _count_or_none("VLLM_METAL_MAX_WAITING_REQUESTS"), "queue bound for vllm serve"),
+    Setting("VLLM_METAL_FUSE_PROJECTIONS", "1", _flag("VLLM_METAL_FUSE_PROJECTIONS"),
+            "fuse q/k/v and gate/up projections at load"),
+    Setting("VLLM_METAL_PAGED_ATTENTION_KERNEL", "auto",
+            _choice("VLLM_METAL_PAGED_ATTENTION_KERNEL", ("auto", "1", "0")),
+            "custom paged decode attention kernel"),
     Setting("VLLM_METAL_PEER_TIMEOUT", "3", _seconds("VLLM_METAL_PEER_TIMEOUT"),
             "silent peer timeout"),
 ]

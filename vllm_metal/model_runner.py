@@ -38,8 +38,10 @@ from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 from vllm_metal import envs
 from vllm_metal.async_output import PLACEHOLDER, InFlightTokens, MetalAsyncOutput
 from vllm_metal.attention.decode_graph import DecodeGraphs
+from vllm_metal.attention.dispatch import route_attention
 from vllm_metal.attention.paged import BatchPlan, PagedKVCache
 from vllm_metal.models.adapter import CausalLM
+from vllm_metal.models.fusion import fuse_projections
 from vllm_metal.models.loader import load_model, mx_dtype
 from vllm_metal.models.registry import GROUPED_SCORE_MASK
 from vllm_metal.models.windows import layer_windows, use_layer_windows
@@ -100,6 +102,7 @@ class MetalModelRunner:
         self.kv_cache: PagedKVCache | None = None
         self.layer_windows: list[int | None] = []
         self.decode_graphs: DecodeGraphs | None = None
+        self.paged_kernel = False  # decode attention by vllm_metal.attention.decode_kernel
         self.input_batch: InputBatch | None = None
         self.step_state: StepState | None = None
         # Asynchronous scheduling: the last step's greedy tokens, still on the device.
@@ -124,7 +127,7 @@ class MetalModelRunner:
 
         hf_config = self.model_config.hf_text_config
         checkpoint = checkpoint_dir(self.vllm_config)
-        self.model = CausalLM(load_model(checkpoint, self.dtype, self._partition))
+        self.model = CausalLM(load_model(checkpoint, self.dtype, self._prepare))
         if self.stage_layers is None:
             self.stage_layers = range(self.model.num_layers)
         lora_config = self.vllm_config.lora_config
@@ -139,8 +142,19 @@ class MetalModelRunner:
         windows = layer_windows(arch, hf_config)
         use_layer_windows(self.model.backbone, windows)
         self.layer_windows = windows
+        self.paged_kernel = route_attention(self.model.model)
+        if self.paged_kernel:
+            logger.info("Decode attention: one kernel per layer reading the paged KV cache "
+                        "(VLLM_METAL_PAGED_ATTENTION_KERNEL=0: MLX's attention on the gathered context)")
         if any(windows):
             logger.info("Sliding windows per layer: %s", windows)
+
+    def _prepare(self, model) -> None:
+        """Before the weights are read: this rank's part of the model, then its
+        projections fused (LoRA's adapters attach to each projection: kept apart)."""
+        self._partition(model)
+        if envs.VLLM_METAL_FUSE_PROJECTIONS and self.vllm_config.lora_config is None:
+            fuse_projections(model)
 
     def _partition(self, model) -> None:
         """This rank's part of the model: its pipeline stage, its tensor shard."""
@@ -217,7 +231,7 @@ class MetalModelRunner:
         # A traced step would keep the adapter slots it was traced with: LoRA runs eager.
         if self.parallel is None and not self.model_config.enforce_eager and self.adapters is None:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.layer_windows,
-                                              self.grouped_mask)
+                                              self.grouped_mask, self.paged_kernel)
         self.input_batch = InputBatch(
             max_num_reqs=self.max_num_reqs,
             max_model_len=self.max_model_len,
@@ -448,6 +462,7 @@ class MetalModelRunner:
             return self.decode_graphs.logits(tokens, block_table, np.asarray(group.starts))
         plan = BatchPlan.build(block_table, group.starts, qlens, self.block_size,
                                self.num_kv_heads, self.grouped_mask, self.kv_entries)
+        plan.use_kernel = self.paged_kernel
         hidden = self.model.hidden_states(tokens, self.kv_cache.layer_views(plan))
         if not self.is_last_stage:
             return self.handoff.take_pending()
