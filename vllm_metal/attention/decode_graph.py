@@ -22,6 +22,7 @@ import numpy as np
 
 from vllm_metal.attention.paged import (
     NULL_BLOCK,
+    window_of,
     PagedKVCache,
     block_rows,
     position_rows,
@@ -44,8 +45,10 @@ class DecodeInputs:
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv_cache: PagedKVCache, windows: list[int | None], grouped_mask: bool):
+    def __init__(self, model, kv_cache: PagedKVCache, windows: list[int | None], grouped_mask: bool,
+                 use_kernel: bool = False):
         self.model = model
+        self.use_kernel = use_kernel
         self.kv = kv_cache
         # None too: mlx-lm builds a plain causal mask before the layers ask for theirs.
         self.windows = sorted(set(windows) | {None}, key=lambda w: -1 if w is None else w)
@@ -95,7 +98,7 @@ class DecodeGraphs:
     def _forward(self, tokens, offsets, write_rows, read_blocks, masks, pools):
         pools = list(pools)
         plan = _StepPlan(offsets, write_rows, position_rows(read_blocks, self.kv.block_size),
-                         dict(zip(self.windows, masks)))
+                         dict(zip(self.windows, masks)), self.use_kernel)
         hidden = self.model.hidden_states(tokens, [self.kv.layer_cache(pools, i, plan)
                                                    for i in range(len(pools))])
         return self.model.logits(hidden[:, -1]), pools
@@ -109,6 +112,10 @@ class _StepPlan:
     write_rows: mx.array
     read_rows: mx.array
     masks: dict
+    use_kernel: bool = False
+
+    def window_of(self, mask) -> tuple[bool, int | None]:
+        return window_of(mask, self.masks)
 
     def layer_mask(self, window_size: int | None, return_array: bool) -> mx.array:
         # A window mlx-lm asks for on its own (Gemma 3) is overridden per layer

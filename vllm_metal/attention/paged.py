@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from vllm_metal.attention import decode_kernel
+
 NULL_BLOCK = 0
 
 
@@ -112,6 +114,7 @@ class BatchPlan:
     context_lens: np.ndarray  # [B] tokens of context after this step
     grouped_mask: bool  # mask shaped [B, 1, 1, L, S] for grouped-query scores
     _masks: dict
+    use_kernel: bool = False  # single-query steps' attention by decode_kernel
 
     @classmethod
     def build(cls, block_tables, start_positions, query_lens, block_size, num_kv_heads,
@@ -154,6 +157,10 @@ class BatchPlan:
         if window_size not in self._masks:
             self._masks[window_size] = self._make_mask(window_size)
         return self._masks[window_size]
+
+    def window_of(self, mask) -> tuple[bool, int | None]:
+        """Whether ``mask`` is one this plan made, and for which window."""
+        return window_of(mask, self._masks)
 
     def layer_mask(self, window_size: int | None, return_array: bool) -> mx.array | None:
         mask = self.mask(window_size)
@@ -206,6 +213,21 @@ class LayerCache:
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         return self.plan.layer_mask(window_size, return_array)
 
+    def decode_attention(self, queries: mx.array, scale: float, mask, sinks=None):
+        """Attention of a single-query step straight from this layer's pool (after
+        ``update_and_fetch`` wrote the step's keys), or None where the kernel is
+        off or does not cover the step: the caller then attends the plain way."""
+        plan, pool = self.plan, self.pools[self.layer]
+        if not getattr(plan, "use_kernel", False) or pool is None:
+            return None
+        if not decode_kernel.covers(queries, pool):
+            return None
+        known, window = plan.window_of(mask)
+        if not known:
+            return None
+        return decode_kernel.paged_decode_attention(queries, pool, plan.read_rows, plan.offsets,
+                                                    scale, window, sinks)
+
     def is_trimmable(self) -> bool:
         return False
 
@@ -222,6 +244,9 @@ class LatentLayerCache(LayerCache):
         super().__init__(pools, layer, plan)
         self.latent_width = latent_width
 
+    def decode_attention(self, queries, scale, mask, sinks=None):
+        return None  # latent attention attends over latents in its own way
+
     def update_and_fetch(self, latent: mx.array, rope_keys: mx.array):
         """``latent`` [B, 1, L, R], ``rope_keys`` [B, 1, L, P] -> the context's
         [B, 1, S, R] and [B, 1, S, P]."""
@@ -233,3 +258,12 @@ class LatentLayerCache(LayerCache):
         pools[i] = pool
         context = pool[plan.read_rows]
         return context[..., : self.latent_width], context[..., self.latent_width:]
+
+
+def window_of(mask, masks: dict) -> tuple[bool, int | None]:
+    if mask is None:
+        return True, None  # one token per request and equal contexts: no window, no padding
+    for window, made in masks.items():
+        if made is mask:
+            return True, window
+    return False, None

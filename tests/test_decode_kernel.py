@@ -1,0 +1,123 @@
+"""Decode attention straight from the paged pools (``attention/decode_kernel``).
+
+Here, on any machine: the engine routes single-query steps to the kernel's entry
+point with the right rows, positions, windows and sinks. With the plain-MLX
+specification standing in for the kernel the engine gives the tokens it gives
+without the route. On MLX's CUDA build: the kernel itself against that
+specification, on ragged contexts, grouped heads, windows, sinks and dtypes.
+"""
+
+import contextlib
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import start_llm, stop_llm
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+from vllm_metal.attention import decode_kernel
+
+ON_CUDA = mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def prompts():
+    return [TokensPrompt(prompt_token_ids=[(13 * j + 7 * i) % 400 + 3 for j in range(3 + 11 * i)])
+            for i in range(5)]
+
+
+def generate(model: str, enforce_eager: bool) -> list[list[int]]:
+    llm = start_llm(model, enforce_eager=enforce_eager, max_num_batched_tokens=64)
+    try:
+        params = [SamplingParams(temperature=0.0, max_tokens=12 + 3 * i, ignore_eos=True)
+                  for i in range(5)]
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts(), params)]
+    finally:
+        try:
+            stop_llm(llm)
+        except RuntimeError as error:
+            # An engine in this process ends with vLLM's torch.accelerator.empty_cache(),
+            # which raises where torch has no accelerator (this machine, not a Mac).
+            if "accelerator" not in str(error):
+                raise
+
+
+@contextlib.contextmanager
+def routed_to_specification():
+    """The engine's decode attention routed to the kernel's entry point, which the
+    specification stands in for; yields the windows of its calls."""
+    calls = []
+
+    def stand_in(*args, **kwargs):
+        calls.append(kwargs.get("window", args[5] if len(args) > 5 else None))
+        return decode_kernel.reference_decode_attention(*args, **kwargs)
+
+    before = {name: module.scaled_dot_product_attention for name, module in sys.modules.items()
+              if name.startswith("mlx_lm.models.")
+              and hasattr(module, "scaled_dot_product_attention")}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode_kernel, "available", lambda: True)
+        patch.setattr(decode_kernel, "paged_decode_attention", stand_in)
+        try:
+            yield calls
+        finally:
+            base = sys.modules["mlx_lm.models.base"].scaled_dot_product_attention
+            for name, module in list(sys.modules.items()):
+                if name.startswith("mlx_lm.models.") and \
+                        hasattr(module, "scaled_dot_product_attention"):
+                    module.scaled_dot_product_attention = before.get(name, base)
+
+
+# The kernel takes head sizes in multiples of 32 (the tiny models' default is 16).
+@pytest.mark.parametrize("arch, overrides, windows", [
+    ("qwen3", {"head_dim": 32}, {None}),
+    ("gemma3_text", {"head_dim": 32, "sliding_window": 8}, {None, 8}),  # windowed and global
+    ("gpt_oss", {"head_dim": 32}, None),  # attention sinks
+])
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["compiled", "eager"])
+def test_routed_decode_gives_the_plain_tokens(arch, overrides, windows, enforce_eager,
+                                              tiny_model, monkeypatch):
+    """In this process (the stand-in must be seen by the engine)."""
+    model = tiny_model(arch, **overrides)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    plain = generate(model, enforce_eager)
+    with routed_to_specification() as calls:
+        routed = generate(model, enforce_eager)
+    assert routed == plain
+    assert calls, "no decode step went to the kernel's entry point"
+    if windows is not None:
+        assert set(calls) == windows
+
+
+def random_case(B, heads, kv_heads, head_dim, dtype, block_size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 70, size=B)
+    blocks_each = -(-lengths.max() // block_size)
+    num_blocks = 1 + B * blocks_each
+    pool = mx.array(rng.standard_normal((num_blocks * 2 * kv_heads * block_size, head_dim)),
+                    dtype=dtype)
+    tables = 1 + rng.permutation(B * blocks_each).reshape(B, blocks_each)
+    first = (tables[:, None, :] * 2 * kv_heads + np.arange(kv_heads)[None, :, None]) * block_size
+    first = np.concatenate([first, first + kv_heads * block_size])
+    rows = (first[..., None] + np.arange(block_size)).reshape(2 * B, kv_heads, -1)
+    queries = mx.array(rng.standard_normal((B, heads, 1, head_dim)), dtype=dtype)
+    offsets = mx.array(lengths - 1, dtype=mx.int32)
+    return queries, pool, mx.array(rows.astype(np.int32)), offsets
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(16, 8, 128), (32, 8, 128), (8, 8, 64),
+                                                       (64, 8, 64)])
+@pytest.mark.parametrize("window, with_sinks", [(None, False), (7, False), (None, True)])
+def test_kernel_matches_the_specification(dtype, heads, kv_heads, head_dim, window, with_sinks):
+    queries, pool, rows, offsets = random_case(5, heads, kv_heads, head_dim, dtype)
+    sinks = mx.linspace(-1, 2, heads).astype(dtype) if with_sinks else None
+    scale = head_dim ** -0.5
+    got = decode_kernel.paged_decode_attention(queries, pool, rows, offsets, scale, window, sinks)
+    want = decode_kernel.reference_decode_attention(queries, pool, rows, offsets, scale, window,
+                                                    sinks)
+    tolerance = 1e-5 if dtype == mx.float32 else 2e-2
+    assert mx.allclose(got.astype(mx.float32), want.astype(mx.float32), atol=tolerance,
+                       rtol=tolerance).item()

@@ -1,0 +1,169 @@
+"""Decode attention as one CUDA kernel that reads the paged pools directly.
+
+A decode step's attention, done with MLX's own operations, gathers each
+request's context out of the pools and hides the keys past its length with a
+mask. On MLX's CUDA build the fused attention kernel takes no array mask, so a
+masked step falls back to five or more primitives per layer (matmul, select,
+softmax, matmul) besides the gather; the host's cost of issuing them limits a
+decode step (``benchmarks/issue_cost.py``: 18 us for the gather, 63 us for the
+masked attention, 5 us for a custom kernel). This kernel is one primitive: one
+thread block per (request, query head), each warp walking a share of the keys
+with an online softmax, the warps' partial sums merged at the end. Keys are
+read where they lie in the pool (``read_rows``), up to each request's length,
+from its window's start, with attention sinks where the model has them.
+
+It runs only on MLX's CUDA build (``available()``); elsewhere, and for shapes it
+does not cover, attention goes the plain way (``LayerCache.update_and_fetch``
+and ``mx.fast.scaled_dot_product_attention``), which also serves as its
+reference in the tests.
+"""
+
+import functools
+
+import mlx.core as mx
+
+from vllm_metal import envs
+
+WARPS = 4
+DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+
+_SOURCE = """
+    constexpr int PER = D / 32;
+    const int B = q_shape[0];
+    const int HQ = q_shape[1];
+    const int HKV = rows_shape[1];
+    const int S = rows_shape[2];
+    const int bh = blockIdx.x;
+    const int b = bh / HQ;
+    const int h = bh % HQ;
+    const int kvh = h / (HQ / HKV);
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+    const int len = offsets[b] + 1;
+    const int start = WINDOW > 0 ? max(0, len - WINDOW) : 0;
+    const float scale = scale_arr[0];
+
+    float qv[PER];
+    const long q_base = (long)b * q_strides[0] + (long)h * q_strides[1];
+    for (int i = 0; i < PER; ++i) {
+        qv[i] = static_cast<float>(q[q_base + (long)(lane * PER + i) * q_strides[3]]) * scale;
+    }
+    const int* key_rows = rows + ((long)b * HKV + kvh) * S;
+    const int* value_rows = rows + ((long)(B + b) * HKV + kvh) * S;
+
+    float m = -inf;
+    float l = 0.f;
+    float acc[PER];
+    for (int i = 0; i < PER; ++i) acc[i] = 0.f;
+    for (int j = start + warp; j < len; j += WARPS) {
+        const P* k = pool + (long)key_rows[j] * D + lane * PER;
+        float s = 0.f;
+        for (int i = 0; i < PER; ++i) s += qv[i] * static_cast<float>(k[i]);
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+        const float m_new = fmaxf(m, s);
+        const float keep = expf(m - m_new);
+        const float p = expf(s - m_new);
+        l = l * keep + p;
+        const P* v = pool + (long)value_rows[j] * D + lane * PER;
+        for (int i = 0; i < PER; ++i) acc[i] = acc[i] * keep + p * static_cast<float>(v[i]);
+        m = m_new;
+    }
+
+    __shared__ float warp_max[WARPS];
+    __shared__ float warp_sum[WARPS];
+    __shared__ float warp_acc[WARPS][D];
+    if (lane == 0) {
+        warp_max[warp] = m;
+        warp_sum[warp] = l;
+    }
+    for (int i = 0; i < PER; ++i) warp_acc[warp][lane * PER + i] = acc[i];
+    __syncthreads();
+    if (warp != 0) return;
+
+    float M = -inf;
+    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, warp_max[w]);
+    const float sink = SINKS ? static_cast<float>(sinks[h]) : -inf;
+    M = fmaxf(M, sink);
+    float L = SINKS ? expf(sink - M) : 0.f;
+    float weight[WARPS];
+    for (int w = 0; w < WARPS; ++w) {
+        weight[w] = warp_max[w] == -inf ? 0.f : expf(warp_max[w] - M);
+        L += warp_sum[w] * weight[w];
+    }
+    for (int i = 0; i < PER; ++i) {
+        float o = 0.f;
+        for (int w = 0; w < WARPS; ++w) o += warp_acc[w][lane * PER + i] * weight[w];
+        out[((long)b * HQ + h) * D + lane * PER + i] = static_cast<P>(o / L);
+    }
+"""
+
+
+def available() -> bool:
+    choice = envs.VLLM_METAL_PAGED_ATTENTION_KERNEL
+    if choice == "0":
+        return False
+    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    if choice == "1" and not on_cuda:
+        raise RuntimeError("VLLM_METAL_PAGED_ATTENTION_KERNEL=1 needs MLX's CUDA build on an "
+                           "NVIDIA GPU; use auto or 0 here")
+    return on_cuda
+
+
+def covers(queries: mx.array, pool: mx.array) -> bool:
+    """Shapes and types the kernel handles: one query per request, head sizes that
+    are a multiple of 32 up to 256, the query and pool in one float type."""
+    head_dim = queries.shape[-1]
+    return (queries.ndim == 4 and queries.shape[2] == 1 and head_dim % 32 == 0
+            and head_dim <= 256 and pool.shape[-1] == head_dim
+            and queries.dtype == pool.dtype and pool.dtype in DTYPES)
+
+
+@functools.cache
+def _kernel():
+    return mx.fast.cuda_kernel(
+        name="vllm_metal_paged_decode_attention",
+        input_names=["q", "pool", "rows", "offsets", "scale_arr", "sinks"],
+        output_names=["out"],
+        source=_SOURCE,
+        ensure_row_contiguous=False,
+    )
+
+
+@functools.cache
+def _constant(value: float, dtype=mx.float32) -> mx.array:
+    return mx.array([value], dtype=dtype)
+
+
+def paged_decode_attention(queries, pool, read_rows, offsets, scale: float,
+                           window: int | None = None, sinks: mx.array | None = None):
+    """``queries`` [B, Hq, 1, D]; ``pool`` [rows, D]; ``read_rows`` [2B, Hkv, S] pool rows
+    of each key position, then each value position; ``offsets`` [B] int32, the
+    position of each query (its context: ``offsets + 1`` keys) -> [B, Hq, 1, D]."""
+    B, heads, _, head_dim = queries.shape
+    if pool.ndim != 2 or read_rows.dtype != mx.int32 or offsets.dtype != mx.int32:
+        raise ValueError("paged_decode_attention: pool [rows, D], int32 rows and offsets")
+    threads = 32 * WARPS
+    return _kernel()(
+        inputs=[queries, pool, read_rows, offsets, _constant(float(scale)),
+                sinks if sinks is not None else _constant(0.0, pool.dtype)],
+        template=[("P", pool.dtype), ("D", head_dim), ("WINDOW", window or 0),
+                  ("SINKS", sinks is not None), ("WARPS", WARPS)],
+        grid=(B * heads * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(B, heads, 1, head_dim)],
+        output_dtypes=[pool.dtype],
+    )[0]
+
+
+def reference_decode_attention(queries, pool, read_rows, offsets, scale: float,
+                               window: int | None = None, sinks: mx.array | None = None):
+    """What ``paged_decode_attention`` computes, in MLX's own operations (the
+    plain path's gather and mask): the kernel's specification in the tests."""
+    keys, values = mx.split(pool[read_rows], 2)
+    position = mx.arange(read_rows.shape[-1])[None, :]
+    length = (offsets + 1)[:, None]
+    allowed = position < length
+    if window:
+        allowed = allowed & (position >= length - window)
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale,
+                                                mask=allowed[:, None, None, :], sinks=sinks)
