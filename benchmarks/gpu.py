@@ -28,10 +28,18 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"qwen3-0.6b": ("qwen3", (1, 8, 32)), "llama-3-8b": ("llama", (1, 8, 12)),
-          "tiny": ("qwen3", (1, 4))}  # tiny: the smoke test's, on any machine
+          "tiny": ("qwen3", (1, 4)),  # tiny: the smoke test's, on any machine
+          # Qwen3-0.6B's layers, heads and graph with little arithmetic: the host's
+          # cost per step, on any machine.
+          "deep-tiny": ("qwen3", (1, 8))}
+NARROW = {"deep-tiny": dict(num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                            head_dim=128, hidden_size=64, intermediate_size=128)}
 # The plugin as users get it, and with one feature off, to show each one's share.
-VARIANTS = {"default": {}, "sync": {"async_scheduling": False}, "eager": {"enforce_eager": True}}
-VARIANT_SHAPES = ("qwen3-0.6b", "tiny")  # shapes that also run the variants beside the default
+# Settings (``VLLM_METAL_*``) go to the engine's environment, the rest to ``LLM``.
+VARIANTS = {"default": {}, "sync": {"async_scheduling": False}, "eager": {"enforce_eager": True},
+            "unfused": {"VLLM_METAL_FUSE_PROJECTIONS": "0"},
+            "no-kernel": {"VLLM_METAL_PAGED_ATTENTION_KERNEL": "0"}}
+VARIANT_SHAPES = ("qwen3-0.6b", "tiny", "deep-tiny")  # shapes that also run the variants beside the default
 PROMPT_LEN, NEW_TOKENS = 32, 128
 KV_CACHE_BYTES = 8 << 30
 CONCURRENCIES = (1, 8, 32)
@@ -46,7 +54,8 @@ def write_model(shape: str, root: Path) -> Path:
     out = root / shape
     if not (out / "config.json").exists():
         start = time.perf_counter()
-        write_tiny_model(arch, out, dtype="bfloat16", preset=None if shape == "tiny" else shape)
+        preset = shape if shape not in ("tiny", *NARROW) else None
+        write_tiny_model(arch, out, dtype="bfloat16", preset=preset, **NARROW.get(shape, {}))
         print(f"wrote {shape} in {time.perf_counter() - start:.0f} s", flush=True)
     return out
 
@@ -101,14 +110,25 @@ def output_to(path: Path):
             os.close(copy)
 
 
-def start_plugin(model_dir: Path, max_batch: int, options: dict, log: Path):
+def start_plugin(model_dir: Path, max_batch: int, options: dict, log: Path,
+                 kv_bytes: int = KV_CACHE_BYTES):
     from vllm import LLM
 
     os.environ["VLLM_METAL_DEBUG"] = "1"
-    with output_to(log):
-        return LLM(str(model_dir), dtype="bfloat16", max_model_len=1024, seed=0,
-                   max_num_seqs=max(max_batch, 8), kv_cache_memory_bytes=KV_CACHE_BYTES,
-                   **options)
+    settings = {k: v for k, v in options.items() if k.startswith("VLLM_METAL_")}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        with output_to(log):
+            return LLM(str(model_dir), dtype="bfloat16", max_model_len=1024, seed=0,
+                       max_num_seqs=max(max_batch, 8), kv_cache_memory_bytes=kv_bytes,
+                       **{k: v for k, v in options.items() if k not in settings})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def plugin_tokens_per_s(llm, batch_prompts: list[list[int]], log: Path) -> float:
@@ -177,7 +197,9 @@ def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float,
     engines = {}
     for name in names:
         log = logs / f"{shape}-{name}.log"
-        engines[name] = (start_plugin(model_dir, max(batches), VARIANTS[name], log), log)
+        # Small shapes run on small machines too: three engines at once.
+        kv_bytes = KV_CACHE_BYTES if shape not in ("tiny", *NARROW) else 1 << 30
+        engines[name] = (start_plugin(model_dir, max(batches), VARIANTS[name], log, kv_bytes), log)
         plugin_tokens_per_s(engines[name][0], prompts(2, vocab, seed=1), log)  # warm-up
     for batch in batches:
         batch_prompts = prompts(batch, vocab)
@@ -235,22 +257,26 @@ def report(result: dict) -> str:
              f"{NEW_TOKENS} greedy tokens (ignore_eos). Each row: mlx-lm, the plugin, mlx-lm "
              f"again; ratio = plugin / mean of the two mlx-lm runs. Copy rate "
              f"{result['copy_gb_s']:.0f} GB/s; limit = batch x copy rate / weight bytes.", "",
-             "## Offline decode, tok/s", "",
-             "| shape | batch | mlx-lm (A / A') | plugin | ratio | plugin, sync | ratio | "
-             "plugin, eager | ratio | limit | plugin % of limit |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in result["offline"]:
-        lines.append(
-            f"| {r['shape']} | {r['batch']} | {fmt(r['mlx_lm_a'])} / {fmt(r['mlx_lm_b'])} | "
-            f"{fmt(r['plugin'])} | {fmt(r['ratio'], 2)} | {fmt(r.get('plugin_sync'))} | "
-            f"{fmt(r.get('ratio_sync'), 2)} | {fmt(r.get('plugin_eager'))} | "
-            f"{fmt(r.get('ratio_eager'), 2)} | {fmt(r['limit_tok_s'])} | "
-            f"{100 * r['plugin'] / r['limit_tok_s']:.0f}% |")
+             "## Offline decode, tok/s", ""]
+    rows = result["offline"]
+    others = [v for v in VARIANTS if v != "default" and any(f"plugin_{v}" in r for r in rows)]
+    head = ["shape", "batch", "mlx-lm (A / A')", "plugin", "ratio"]
+    for name in others:
+        head += [f"plugin, {name}", "ratio"]
+    head += ["limit", "plugin % of limit"]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r["shape"], r["batch"], f"{fmt(r['mlx_lm_a'])} / {fmt(r['mlx_lm_b'])}",
+                 fmt(r["plugin"]), fmt(r["ratio"], 2)]
+        for name in others:
+            cells += [fmt(r.get(f"plugin_{name}")), fmt(r.get(f"ratio_{name}"), 2)]
+        cells += [fmt(r["limit_tok_s"]), f"{100 * r['plugin'] / r['limit_tok_s']:.0f}%"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "## The plugin's host time per decode step (median ms, VLLM_METAL_DEBUG)", "",
               "| shape | batch | variant | step parts |", "| --- | --- | --- | --- |"]
-    for r in result["offline"]:
-        for key, name in (("plugin_steps_ms", "default"), ("plugin_sync_steps_ms", "sync"),
-                          ("plugin_eager_steps_ms", "eager")):
+    for r in rows:
+        for name in ["default"] + others:
+            key = "plugin_steps_ms" if name == "default" else f"plugin_{name}_steps_ms"
             if r.get(key):
                 parts = ", ".join(f"{k} {v}" for k, v in r[key].items())
                 lines.append(f"| {r['shape']} | {r['batch']} | {name} | {parts} |")
