@@ -38,7 +38,9 @@ NARROW = {"deep-tiny": dict(num_hidden_layers=28, num_attention_heads=16, num_ke
 # Settings (``VLLM_METAL_*``) go to the engine's environment, the rest to ``LLM``.
 VARIANTS = {"default": {}, "sync": {"async_scheduling": False}, "eager": {"enforce_eager": True},
             "unfused": {"VLLM_METAL_FUSE_PROJECTIONS": "0"},
-            "no-kernel": {"VLLM_METAL_PAGED_ATTENTION_KERNEL": "0"}}
+            "no-kernel": {"VLLM_METAL_PAGED_ATTENTION_KERNEL": "0"},
+            # MLX's CUDA graphs of up to 100 kernels (default 20) for the engine only.
+            "graphs100": {"MLX_MAX_OPS_PER_BUFFER": "100", "MLX_CUDA_GRAPH_CACHE_SIZE": "400"}}
 VARIANT_SHAPES = ("qwen3-0.6b", "tiny", "deep-tiny")  # shapes that also run the variants beside the default
 PROMPT_LEN, NEW_TOKENS = 32, 128
 KV_CACHE_BYTES = 8 << 30
@@ -115,7 +117,7 @@ def start_plugin(model_dir: Path, max_batch: int, options: dict, log: Path,
     from vllm import LLM
 
     os.environ["VLLM_METAL_DEBUG"] = "1"
-    settings = {k: v for k, v in options.items() if k.startswith("VLLM_METAL_")}
+    settings = {k: v for k, v in options.items() if k.startswith(("VLLM_METAL_", "MLX_"))}
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     try:
@@ -181,7 +183,7 @@ def copy_rate_gb_s() -> float:
 
 
 def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float,
-            variants: list[str]) -> list[dict]:
+            variants: list[str], variants_given: bool = False) -> list[dict]:
     import mlx.core as mx
     from mlx_lm import load
 
@@ -193,7 +195,8 @@ def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float,
     weights = weight_bytes(model)
     mlx_lm_tokens_per_s(model, prompts(1, vocab))  # first-call costs
     rows = []
-    names = ["default"] + ([v for v in variants if v != "default"] if shape in VARIANT_SHAPES else [])
+    names = ["default"] + ([v for v in variants if v != "default"]
+                           if shape in VARIANT_SHAPES or variants_given else [])
     engines = {}
     for name in names:
         log = logs / f"{shape}-{name}.log"
@@ -318,7 +321,9 @@ def main() -> None:
                         default=["qwen3-0.6b", "llama-3-8b"])
     parser.add_argument("--parts", nargs="+", choices=("offline", "online"),
                         default=["offline", "online"])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="engine variants beside the default (given: for every shape; "
+                             "else sync and eager for the small shapes)")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "vllm-metal-gpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -338,7 +343,8 @@ def main() -> None:
         model_dir = write_model(shape, args.models)
         if "offline" in args.parts:
             result["offline"] += offline(shape, model_dir, logs, result["copy_gb_s"],
-                                         args.variants)
+                                         args.variants or ["sync", "eager"],
+                                         args.variants is not None)
             save(result, args.out, started)  # a run cut short keeps what it measured
     if "online" in args.parts:
         result["online_shape"] = args.shapes[0]

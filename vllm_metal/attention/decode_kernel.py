@@ -29,6 +29,7 @@ DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 _SOURCE = """
     constexpr int PER = D / 32;
+    const float neg_inf = __int_as_float(0xff800000);
     const int B = q_shape[0];
     const int HQ = q_shape[1];
     const int HKV = rows_shape[1];
@@ -51,7 +52,7 @@ _SOURCE = """
     const int* key_rows = rows + ((long)b * HKV + kvh) * S;
     const int* value_rows = rows + ((long)(B + b) * HKV + kvh) * S;
 
-    float m = -inf;
+    float m = neg_inf;
     float l = 0.f;
     float acc[PER];
     for (int i = 0; i < PER; ++i) acc[i] = 0.f;
@@ -80,14 +81,14 @@ _SOURCE = """
     __syncthreads();
     if (warp != 0) return;
 
-    float M = -inf;
+    float M = neg_inf;
     for (int w = 0; w < WARPS; ++w) M = fmaxf(M, warp_max[w]);
-    const float sink = SINKS ? static_cast<float>(sinks[h]) : -inf;
+    const float sink = SINKS ? static_cast<float>(sinks[h]) : neg_inf;
     M = fmaxf(M, sink);
     float L = SINKS ? expf(sink - M) : 0.f;
     float weight[WARPS];
     for (int w = 0; w < WARPS; ++w) {
-        weight[w] = warp_max[w] == -inf ? 0.f : expf(warp_max[w] - M);
+        weight[w] = warp_max[w] == neg_inf ? 0.f : expf(warp_max[w] - M);
         L += warp_sum[w] * weight[w];
     }
     for (int i = 0; i < PER; ++i) {
