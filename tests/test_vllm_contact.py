@@ -265,3 +265,33 @@ def test_latent_attention_and_model_hook_contact():
     assert isinstance(ModelConfig.use_mla, property)
     hook = inspect.getsource(GptOssForCausalLMConfig.verify_and_update_config)
     assert f"max_cudagraph_capture_size = {VLLM_SET_CAPTURE_SIZE['GptOssForCausalLM']}" in hook
+
+
+def test_mlx_lm_attention_contact():
+    """attention/dispatch.py rebinds the name ``scaled_dot_product_attention`` that
+    mlx-lm's model modules import from ``mlx_lm.models.base``, and keeps its
+    signature; models/fusion.py relies on the projections' names and types."""
+    import importlib
+
+    import mlx.nn as nn
+    from mlx_lm.models import base
+
+    from vllm_metal.attention.dispatch import attention
+    from vllm_metal.models.fusion import GROUPS
+
+    assert list(inspect.signature(base.scaled_dot_product_attention).parameters) == [
+        "queries", "keys", "values", "cache", "scale", "mask", "sinks"]
+    assert list(inspect.signature(attention).parameters) == [
+        "queries", "keys", "values", "cache", "scale", "mask", "sinks"]
+    for name in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "mixtral", "qwen3_moe",
+                 "gpt_oss"):
+        module = importlib.import_module(f"mlx_lm.models.{name}")
+        assert module.scaled_dot_product_attention in (base.scaled_dot_product_attention,
+                                                       attention), name
+    attn = importlib.import_module("mlx_lm.models.qwen3").Attention
+    mlp = importlib.import_module("mlx_lm.models.qwen3").MLP
+    assert "q_proj" in inspect.getsource(attn.__call__)
+    assert GROUPS == (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    assert "self.gate_proj(x), self.up_proj(x)" in inspect.getsource(mlp.__call__)
+    assert issubclass(nn.QuantizedLinear, nn.Module) and "mode" in inspect.signature(
+        nn.QuantizedLinear.__init__).parameters
