@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import mlx.core as mx
 import pytest
 from conftest import start_llm
 
@@ -61,6 +62,14 @@ def test_every_setting_is_in_the_documented_table():
 def test_bad_setting_stops_engine_startup(tiny_model, monkeypatch):
     monkeypatch.setenv("VLLM_METAL_BLOCK_SIZE", "17")
     with pytest.raises(Exception, match="VLLM_METAL_BLOCK_SIZE"):
+        start_llm(tiny_model("qwen3"))
+
+
+@pytest.mark.skipif(mx.default_device() == mx.gpu and mx.cuda.is_available(),
+                    reason="the kernel is available on CUDA")
+def test_forcing_the_cuda_decode_kernel_elsewhere_is_refused(tiny_model, monkeypatch):
+    monkeypatch.setenv("VLLM_METAL_PAGED_ATTENTION_KERNEL", "1")
+    with pytest.raises(Exception, match="VLLM_METAL_PAGED_ATTENTION_KERNEL=1 needs MLX's CUDA"):
         start_llm(tiny_model("qwen3"))
 
 

@@ -86,6 +86,10 @@ class MetalPlatform(Platform):
     def check_and_update_config(cls, vllm_config) -> None:
         envs.validate_all()
         refuse_unsupported(vllm_config)
+        from vllm_metal.attention import decode_kernel  # imports MLX: after the BLAS preload
+
+        select_device()
+        decode_kernel.available()  # refuses VLLM_METAL_PAGED_ATTENTION_KERNEL=1 off CUDA
         logger.info("vllm-metal: Metal/MLX platform selected (MLX device: %s)", describe())
 
         parallel = vllm_config.parallel_config
