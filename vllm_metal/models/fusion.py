@@ -46,9 +46,12 @@ class FusedProjection(nn.Module):
 
 
 class _LastProduct:
-    input = None
-    outputs = None
-    taken: set = set()
+    """The last input a group was called with, its parts, and which were taken."""
+
+    def __init__(self):
+        self.input = None
+        self.outputs = None
+        self.taken = set()
 
 
 class ProjectionPart(nn.Module):
