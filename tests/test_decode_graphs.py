@@ -6,7 +6,7 @@ not copy the KV pools (its cost does not grow with the cache)."""
 import re
 
 import pytest
-from conftest import start_llm, stop_llm
+from conftest import greedy_tokens, start_llm, stop_llm
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
@@ -18,14 +18,8 @@ def prompts():
 
 
 def generate(model: str, enforce_eager: bool) -> list[list[int]]:
-    llm = start_llm(model, enforce_eager=enforce_eager, max_num_batched_tokens=64)
-    try:
-        params = [SamplingParams(temperature=0.0, max_tokens=10 + 4 * i, ignore_eos=True)
-                  for i in range(7)]
-        outputs = llm.generate(prompts(), params)
-    finally:
-        stop_llm(llm)
-    return [list(o.outputs[0].token_ids) for o in outputs]
+    return greedy_tokens(model, prompts(), [10 + 4 * i for i in range(7)],
+                         enforce_eager=enforce_eager, max_num_batched_tokens=64)
 
 
 @pytest.mark.parametrize("arch, overrides", [

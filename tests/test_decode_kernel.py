@@ -13,8 +13,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import start_llm, stop_llm
-from vllm import SamplingParams
+from conftest import greedy_tokens
 from vllm.inputs import TokensPrompt
 
 from vllm_metal.attention import decode_kernel
@@ -28,19 +27,8 @@ def prompts():
 
 
 def generate(model: str, enforce_eager: bool) -> list[list[int]]:
-    llm = start_llm(model, enforce_eager=enforce_eager, max_num_batched_tokens=64)
-    try:
-        params = [SamplingParams(temperature=0.0, max_tokens=12 + 3 * i, ignore_eos=True)
-                  for i in range(5)]
-        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts(), params)]
-    finally:
-        try:
-            stop_llm(llm)
-        except RuntimeError as error:
-            # An engine in this process ends with vLLM's torch.accelerator.empty_cache(),
-            # which raises where torch has no accelerator (this machine, not a Mac).
-            if "accelerator" not in str(error):
-                raise
+    return greedy_tokens(model, prompts(), [12 + 3 * i for i in range(5)],
+                         enforce_eager=enforce_eager, max_num_batched_tokens=64)
 
 
 @contextlib.contextmanager
