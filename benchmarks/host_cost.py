@@ -1,8 +1,10 @@
 """The host's cost of one decode step, the plugin's paged graph against mlx-lm's
-dense-cache graph on the same model: Python graph building, then ``mx.async_eval``
+dense-cache graph on the same weights: Python graph building, then ``mx.async_eval``
 (MLX's own scheduling and kernel launches), each the median over steps. The
-plugin's step is measured eager (``--enforce-eager``, and every prefill chunk)
-and as the compiled decode graph the engine runs by default.
+plugin's model is prepared as the engine prepares it (projections fused; on
+CUDA, decode attention by the paged kernel); its step is measured eager
+(``--enforce-eager``, and every prefill chunk) and as the compiled decode graph
+the engine runs by default.
 
     python -m benchmarks.host_cost MODEL_DIR [--batch 1 8] [--steps 40]
 """
@@ -57,10 +59,15 @@ def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
     from mlx_lm.models.cache import make_prompt_cache
 
     from vllm_metal.attention.decode_graph import DecodeGraphs
+    from vllm_metal.attention.dispatch import route_attention
     from vllm_metal.attention.paged import BatchPlan, PagedKVCache
     from vllm_metal.models.adapter import CausalLM
+    from vllm_metal.models.fusion import fuse_projections
 
     model, _ = load(model_dir)
+    plugin_model, _ = load(model_dir)
+    fuse_projections(plugin_model)
+    use_kernel = route_attention(plugin_model)
     args = model.args
     kv_heads = args.num_key_value_heads
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
@@ -80,17 +87,19 @@ def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
     pools = PagedKVCache(len(model.layers), 1 + batch * blocks_per_seq, block_size, kv_heads,
                          head_dim, dtype)
     tables = 1 + np.arange(batch * blocks_per_seq).reshape(batch, blocks_per_seq)
-    lm = CausalLM(model)
+    lm = CausalLM(plugin_model)
     position = context
 
     def plugin_step():
         nonlocal position
         plan = BatchPlan.build(tables, [position] * batch, [1] * batch, block_size, kv_heads)
+        plan.use_kernel = use_kernel
         position += 1
         hidden = lm.hidden_states(mx.zeros((batch, 1), mx.int32), pools.layer_views(plan))
         return mx.argmax(lm.logits(hidden[:, -1]), axis=-1)
 
-    graphs = DecodeGraphs(lm, pools, [None] * len(model.layers), grouped_mask=False)
+    graphs = DecodeGraphs(lm, pools, [None] * len(model.layers), grouped_mask=False,
+                          use_kernel=use_kernel)
 
     def compiled_step():
         nonlocal position
@@ -101,7 +110,7 @@ def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
 
     for step in (mlx_lm_step, plugin_step, compiled_step):
         timed_steps(step, 3)
-    result = {"batch": batch, "ops_mlx_lm": graph_ops(mlx_lm_step()),
+    result = {"batch": batch, "paged_kernel": use_kernel, "ops_mlx_lm": graph_ops(mlx_lm_step()),
               "ops_plugin": graph_ops(plugin_step()),
               "ops_plugin_compiled": graph_ops(compiled_step())}
     for name, step in (("mlx_lm", mlx_lm_step), ("plugin", plugin_step),
