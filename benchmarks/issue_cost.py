@@ -7,7 +7,7 @@ nodes, committing graphs). Figures are microseconds per primitive, the median of
 ``--reps`` rounds after a warm-up round. Set ``MLX_*`` variables on the command
 line to compare MLX's settings (they are read once, at MLX's first use).
 
-    python -m benchmarks.issue_cost [--count 400] [--reps 7]
+    python -m benchmarks.issue_cost [--count 400] [--reps 7] [--batch 1]
 """
 
 import argparse
@@ -52,7 +52,7 @@ def kinds(mx, heads=16, kv_heads=8, head_dim=128, hidden=1024, context=256, batc
         return [p]
 
     table = {
-        "matmul [1,1024]x[1024,1024]": lambda n: [_chain(x, n, lambda a: a @ w)],
+        f"matmul [{batch},1024]x[1024,1024]": lambda n: [_chain(x, n, lambda a: a @ w)],
         "add (elementwise)": lambda n: [_chain(x, n, lambda a: a + 1)],
         "compiled elementwise (3 ops fused)": lambda n: [_chain(x, n, fused)],
         "rms_norm": lambda n: [_chain(q, n, lambda a: mx.fast.rms_norm(a, norm_w, 1e-6))],
@@ -68,9 +68,10 @@ def kinds(mx, heads=16, kv_heads=8, head_dim=128, hidden=1024, context=256, batc
         "reshape (view)": lambda n: [_chain(q, n, lambda a: a.reshape(batch, heads, head_dim)
                                             .reshape(batch, heads, 1, head_dim))],
         "transpose (view)": lambda n: [_chain(q, n, lambda a: a.swapaxes(1, 2).swapaxes(1, 2))],
-        "gather rows [2,8,256] of a pool": lambda n: [pool[read_rows + i] for i in range(n)],
-        "scatter rows [2,8,1] into a pool": scatter_chain,
-        "concatenate two [1,8,1,128]": lambda n: [mx.concatenate([new_kv[:1], new_kv[1:]])
+        f"gather rows [{2 * batch},8,{context}] of a pool": lambda n: [pool[read_rows + i]
+                                                                    for i in range(n)],
+        f"scatter rows [{2 * batch},8,1] into a pool": scatter_chain,
+        f"concatenate two [{batch},8,1,128]": lambda n: [mx.concatenate([new_kv[:1], new_kv[1:]])
                                                   for _ in range(n)],
         "split in two (views)": lambda n: [mx.split(new_kv, 2)[0] for _ in range(n)],
     }
@@ -105,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=400)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=1, help="rows of a decode step")
     args = parser.parse_args()
     from vllm_metal.device import select_device
 
@@ -112,13 +114,14 @@ def main() -> None:
     import mlx.core as mx
 
     settings = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
-    print(f"device {mx.default_device()}, MLX {mx.__version__}, settings {settings or 'defaults'}")
+    print(f"device {mx.default_device()}, MLX {mx.__version__}, batch {args.batch}, "
+          f"settings {settings or 'defaults'}")
     results = {}
-    for name, build in kinds(mx).items():
+    for name, build in kinds(mx, batch=args.batch).items():
         results[name] = measure(mx, build, args.count, args.reps)
         print(f"{name:55s} build {results[name]['build_us']:7.2f} us  "
               f"issue {results[name]['issue_us']:7.2f} us", flush=True)
-    print(json.dumps({"settings": settings, "results": results}))
+    print(json.dumps({"settings": settings, "batch": args.batch, "results": results}))
 
 
 if __name__ == "__main__":
