@@ -86,8 +86,9 @@ def stop_llm(llm) -> None:
             raise
 
 
-def greedy_tokens(model: str, prompts, max_tokens: list[int], **options) -> list[list[int]]:
-    """Each prompt's greedy tokens (``ignore_eos``) from an engine started for the call."""
+def engine_greedy_tokens(model: str, prompts, max_tokens: list[int], **options) -> list[list[int]]:
+    """Each prompt's greedy tokens (``ignore_eos``) from this plugin's engine, started for
+    the call (the transformers reference is ``vllm_metal.testing.reference.greedy_tokens``)."""
     from vllm import SamplingParams
 
     llm = start_llm(model, **options)

@@ -6,7 +6,7 @@ not copy the KV pools (its cost does not grow with the cache)."""
 import re
 
 import pytest
-from conftest import greedy_tokens, start_llm, stop_llm
+from conftest import engine_greedy_tokens, start_llm, stop_llm
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
@@ -18,8 +18,8 @@ def prompts():
 
 
 def generate(model: str, enforce_eager: bool) -> list[list[int]]:
-    return greedy_tokens(model, prompts(), [10 + 4 * i for i in range(7)],
-                         enforce_eager=enforce_eager, max_num_batched_tokens=64)
+    return engine_greedy_tokens(model, prompts(), [10 + 4 * i for i in range(7)],
+                                enforce_eager=enforce_eager, max_num_batched_tokens=64)
 
 
 @pytest.mark.parametrize("arch, overrides", [

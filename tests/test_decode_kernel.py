@@ -13,7 +13,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import greedy_tokens
+from conftest import engine_greedy_tokens
 from vllm.inputs import TokensPrompt
 
 from vllm_metal.attention import decode_kernel
@@ -27,8 +27,8 @@ def prompts():
 
 
 def generate(model: str, enforce_eager: bool) -> list[list[int]]:
-    return greedy_tokens(model, prompts(), [12 + 3 * i for i in range(5)],
-                         enforce_eager=enforce_eager, max_num_batched_tokens=64)
+    return engine_greedy_tokens(model, prompts(), [12 + 3 * i for i in range(5)],
+                                enforce_eager=enforce_eager, max_num_batched_tokens=64)
 
 
 @contextlib.contextmanager
