@@ -71,8 +71,8 @@ def kinds(mx, heads=16, kv_heads=8, head_dim=128, hidden=1024, context=256, batc
         f"gather rows [{2 * batch},8,{context}] of a pool": lambda n: [pool[read_rows + i]
                                                                     for i in range(n)],
         f"scatter rows [{2 * batch},8,1] into a pool": scatter_chain,
-        f"concatenate two [{batch},8,1,128]": lambda n: [mx.concatenate([new_kv[:1], new_kv[1:]])
-                                                  for _ in range(n)],
+        f"concatenate two [{batch},8,1,128]": lambda n: [
+            mx.concatenate([new_kv[:batch], new_kv[batch:]]) for _ in range(n)],
         "split in two (views)": lambda n: [mx.split(new_kv, 2)[0] for _ in range(n)],
     }
     if double is not None:
