@@ -69,7 +69,7 @@ def test_bad_setting_stops_engine_startup(tiny_model, monkeypatch):
                     reason="the kernel is available on CUDA")
 def test_forcing_the_cuda_decode_kernel_elsewhere_is_refused(tiny_model, monkeypatch):
     monkeypatch.setenv("VLLM_METAL_PAGED_ATTENTION_KERNEL", "1")
-    with pytest.raises(Exception, match="VLLM_METAL_PAGED_ATTENTION_KERNEL=1 needs MLX's CUDA"):
+    with pytest.raises(RuntimeError, match="VLLM_METAL_PAGED_ATTENTION_KERNEL=1 needs MLX's CUDA"):
         start_llm(tiny_model("qwen3"))
 
 
