@@ -63,11 +63,13 @@ def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
     from vllm_metal.attention.paged import BatchPlan, PagedKVCache
     from vllm_metal.models.adapter import CausalLM
     from vllm_metal.models.fusion import fuse_projections
+    from vllm_metal.models.gemv import route_linears
 
     model, _ = load(model_dir)
     plugin_model, _ = load(model_dir)
     fuse_projections(plugin_model)
     use_kernel = route_attention(plugin_model)
+    route_linears(plugin_model)
     args = model.args
     kv_heads = args.num_key_value_heads
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads

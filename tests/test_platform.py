@@ -67,9 +67,10 @@ def test_bad_setting_stops_engine_startup(tiny_model, monkeypatch):
 
 @pytest.mark.skipif(mx.default_device() == mx.gpu and mx.cuda.is_available(),
                     reason="the kernel is available on CUDA")
-def test_forcing_the_cuda_decode_kernel_elsewhere_is_refused(tiny_model, monkeypatch):
-    monkeypatch.setenv("VLLM_METAL_PAGED_ATTENTION_KERNEL", "1")
-    with pytest.raises(RuntimeError, match="VLLM_METAL_PAGED_ATTENTION_KERNEL=1 needs MLX's CUDA"):
+@pytest.mark.parametrize("setting", ["VLLM_METAL_PAGED_ATTENTION_KERNEL", "VLLM_METAL_GEMV_KERNEL"])
+def test_forcing_a_cuda_kernel_elsewhere_is_refused(tiny_model, monkeypatch, setting):
+    monkeypatch.setenv(setting, "1")
+    with pytest.raises(RuntimeError, match=f"{setting}=1 needs MLX's CUDA"):
         start_llm(tiny_model("qwen3"))
 
 

@@ -14,6 +14,7 @@
 | VLLM_METAL_MAX_WAITING_REQUESTS | none | `vllm serve`: generation requests allowed to wait beyond the `--max-num-seqs` running ones; past that a request gets HTTP 429 at once (none: no bound) |
 | VLLM_METAL_FUSE_PROJECTIONS | 1 | 1 fuses projections that read the same input (attention's q/k/v, an MLP's gate/up) into one matmul at load: fewer primitives for the host to issue per step; 0 keeps them apart (off anyway with LoRA, whose adapters attach to each projection) |
 | VLLM_METAL_PAGED_ATTENTION_KERNEL | auto | auto, 1 or 0: decode attention as one custom kernel reading the paged pools (auto: on MLX's CUDA build, where MLX's fused attention takes no array mask); 0 gathers the context and runs MLX's attention |
+| VLLM_METAL_GEMV_KERNEL | auto | auto, 1 or 0: linear layers called with at most 8 rows (decode steps) as one custom matrix-vector kernel (auto: on MLX's CUDA build, where a matmul costs the host four times a custom kernel to issue); 0 keeps MLX's matmul |
 | VLLM_METAL_PEER_TIMEOUT | 3 | seconds a rank of a TP/PP engine waits for a silent peer's heartbeat (a stopped or hung process, a link down) before it stops the engine |
 
 A bad value stops startup with a message naming the variable and what it accepts.
@@ -150,6 +151,9 @@ _SETTINGS = [
     Setting("VLLM_METAL_PAGED_ATTENTION_KERNEL", "auto",
             _choice("VLLM_METAL_PAGED_ATTENTION_KERNEL", ("auto", "1", "0")),
             "custom paged decode attention kernel"),
+    Setting("VLLM_METAL_GEMV_KERNEL", "auto",
+            _choice("VLLM_METAL_GEMV_KERNEL", ("auto", "1", "0")),
+            "custom small-batch linear kernel"),
     Setting("VLLM_METAL_PEER_TIMEOUT", "3", _seconds("VLLM_METAL_PEER_TIMEOUT"),
             "silent peer timeout"),
 ]

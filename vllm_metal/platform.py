@@ -87,9 +87,12 @@ class MetalPlatform(Platform):
         envs.validate_all()
         refuse_unsupported(vllm_config)
         from vllm_metal.attention import decode_kernel  # imports MLX: after the BLAS preload
+        from vllm_metal.models import gemv
 
         select_device()
-        decode_kernel.available()  # refuses VLLM_METAL_PAGED_ATTENTION_KERNEL=1 off CUDA
+        # Each refuses its kernel forced on (=1) off MLX's CUDA build.
+        decode_kernel.available()
+        gemv.available()
         logger.info("vllm-metal: Metal/MLX platform selected (MLX device: %s)", describe())
 
         parallel = vllm_config.parallel_config

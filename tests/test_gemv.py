@@ -1,0 +1,103 @@
+"""Few-row linear layers as one kernel (``models/gemv``).
+
+Here, on any machine: the engine sends decode steps' projections and output head
+(tied or not, with biases or without) to the kernel's entry point, and prefill's
+many rows to MLX's matmul; with a plain product standing in for the kernel the
+engine gives the tokens it gives without the route. On MLX's CUDA build: the
+kernel itself against MLX's matmul, at every row count it takes, in each float
+type, with and without a bias.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import engine_greedy_tokens
+from vllm.inputs import TokensPrompt
+
+from vllm_metal.models import gemv
+
+ON_CUDA = mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def plain_product(x, weight, bias=None):
+    out = x @ weight.T
+    return out if bias is None else out + bias
+
+
+def generate(model: str, enforce_eager: bool) -> list[list[int]]:
+    prompts = [TokensPrompt(prompt_token_ids=[(11 * j + 5 * i) % 300 + 3 for j in range(4 + 9 * i)])
+               for i in range(4)]
+    return engine_greedy_tokens(model, prompts, [10 + 2 * i for i in range(4)],
+                                enforce_eager=enforce_eager, max_num_batched_tokens=64)
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("qwen3", {"tie_word_embeddings": True}),
+    ("qwen2", {"tie_word_embeddings": False}),  # projections with biases, an untied head
+])
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["compiled", "eager"])
+def test_routed_linears_give_the_plain_tokens(arch, overrides, enforce_eager, tiny_model,
+                                              monkeypatch):
+    """In this process (the stand-in must be seen by the engine)."""
+    model = tiny_model(arch, **overrides)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    plain = generate(model, enforce_eager)
+    calls = []
+
+    def stand_in(x, weight, bias=None):
+        calls.append((x.size // x.shape[-1], tuple(weight.shape), bias is not None))
+        return plain_product(x, weight, bias)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gemv, "available", lambda: True)
+        patch.setattr(gemv, "small_batch_linear", stand_in)
+        routed = generate(model, enforce_eager)
+    assert routed == plain
+    assert calls, "no decode step went to the kernel's entry point"
+    assert max(rows for rows, _, _ in calls) <= gemv.MAX_ROWS
+    shapes = {shape for _, shape, _ in calls}
+    vocab_rows = {shape for shape in shapes if shape[0] >= 300}
+    assert vocab_rows, "the output head did not take the kernel"
+    if arch == "qwen2":
+        assert any(has_bias for _, _, has_bias in calls)
+
+
+def test_route_leaves_quantized_layers_and_the_parameter_tree(monkeypatch):
+    monkeypatch.setattr(gemv, "available", lambda: True)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Embedding(10, 16), nn.Linear(32, 8))
+    model.layers[2] = nn.QuantizedLinear.from_linear(nn.Linear(64, 32))
+    before = dict(nn.utils.tree_flatten(model.parameters()))
+    assert gemv.route_linears(model) == 2
+    assert [type(layer) for layer in model.layers] == [
+        gemv.SmallBatchLinear, gemv.SmallBatchEmbedding, nn.QuantizedLinear]
+    after = dict(nn.utils.tree_flatten(model.parameters()))
+    assert before.keys() == after.keys()
+    assert all(after[k] is before[k] for k in before)
+
+
+def test_covers_few_rows_of_the_weight_type_only():
+    weight = mx.zeros((24, 64), mx.bfloat16)
+    assert gemv.covers(mx.zeros((1, 1, 64), mx.bfloat16), weight)
+    assert gemv.covers(mx.zeros((gemv.MAX_ROWS, 1, 64), mx.bfloat16), weight)
+    assert not gemv.covers(mx.zeros((gemv.MAX_ROWS + 1, 1, 64), mx.bfloat16), weight)
+    assert not gemv.covers(mx.zeros((1, 64), mx.float32), weight)
+    assert not gemv.covers(mx.zeros((1, 60), mx.bfloat16), mx.zeros((24, 60), mx.bfloat16))
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("out_features, width", [(4096, 1024), (1030, 3072), (6, 256)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kernel_matches_the_matmul(dtype, rows, out_features, width, with_bias):
+    rng = np.random.default_rng(rows * 7 + width)
+    x = mx.array(rng.standard_normal((rows, 1, width)) / 8, dtype=dtype)
+    weight = mx.array(rng.standard_normal((out_features, width)) / 8, dtype=dtype)
+    bias = mx.array(rng.standard_normal((out_features,)), dtype=dtype) if with_bias else None
+    got = gemv.small_batch_linear(x, weight, bias)
+    want = plain_product(x.astype(mx.float32), weight.astype(mx.float32),
+                         None if bias is None else bias.astype(mx.float32))
+    assert got.shape == (rows, 1, out_features) and got.dtype == dtype
+    tolerance = 1e-4 if dtype == mx.float32 else 3e-2
+    assert mx.allclose(got.astype(mx.float32), want, atol=tolerance, rtol=tolerance).item()

@@ -1,0 +1,153 @@
+"""Small-batch linear layers as one CUDA kernel (a matrix-vector product).
+
+A decode step multiplies a few rows of activations by every weight matrix. On
+MLX's CUDA build the host's cost of issuing the step limits its speed, and a
+matmul is the dearest primitive to issue: 19 us against 5 us for a custom kernel
+(``benchmarks/issue_cost.py``). At a few rows the product is bound by reading the
+weights, which a plain kernel does as well as a library's: one warp per output
+row reads the row in 16-byte loads and keeps one sum per activation row.
+
+``route_linears`` gives every plain ``nn.Linear`` of a loaded model (fused
+projections and the output head included; an ``nn.Embedding`` for its use as a
+tied output head) a call that takes the kernel
+when it covers the call (``covers``: on MLX's CUDA build, up to ``MAX_ROWS``
+rows, the input in the weight's float type) and MLX's matmul otherwise.
+Quantized layers keep MLX's own kernels. The parameter tree does not change,
+so adapters and loaders see the same layers.
+"""
+
+import functools
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from vllm_metal import envs
+
+WARPS = 4
+MAX_ROWS = 8
+DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+
+_SOURCE = """
+    constexpr int VEC = 16 / sizeof(T);
+    const int N = w_shape[0];
+    const int K = w_shape[1];
+    const int lane = threadIdx.x % 32;
+    const int row = blockIdx.x * WARPS + threadIdx.x / 32;
+    if (row >= N) return;
+
+    float acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    const T* w_row = w + (long)row * K;
+    #pragma unroll 4
+    for (int k = lane * VEC; k < K; k += 32 * VEC) {
+        const uint4 w_packed = *reinterpret_cast<const uint4*>(w_row + k);
+        const T* wv = reinterpret_cast<const T*>(&w_packed);
+        for (int m = 0; m < M; ++m) {
+            const uint4 x_packed = *reinterpret_cast<const uint4*>(x + (long)m * K + k);
+            const T* xv = reinterpret_cast<const T*>(&x_packed);
+            for (int i = 0; i < VEC; ++i) {
+                acc[m] += static_cast<float>(wv[i]) * static_cast<float>(xv[i]);
+            }
+        }
+    }
+    for (int m = 0; m < M; ++m) {
+        float s = acc[m];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+        if (lane == 0) {
+            if (BIAS) s += static_cast<float>(bias[row]);
+            out[(long)m * N + row] = static_cast<T>(s);
+        }
+    }
+"""
+
+
+def available() -> bool:
+    choice = envs.VLLM_METAL_GEMV_KERNEL
+    if choice == "0":
+        return False
+    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    if choice == "1" and not on_cuda:
+        raise RuntimeError("VLLM_METAL_GEMV_KERNEL=1 needs MLX's CUDA build on an NVIDIA GPU; "
+                           "use auto or 0 here")
+    return on_cuda
+
+
+def covers(x: mx.array, weight: mx.array) -> bool:
+    """Calls the kernel handles: 1 to ``MAX_ROWS`` rows of activations, the input
+    and the weight in one float type, rows a whole number of 16-byte loads."""
+    if weight.ndim != 2 or x.ndim == 0 or weight.dtype not in DTYPES or x.dtype != weight.dtype:
+        return False
+    width = weight.shape[1]
+    per_load = 16 // weight.dtype.size
+    return x.shape[-1] == width and width % per_load == 0 and 1 <= x.size // width <= MAX_ROWS
+
+
+@functools.cache
+def _kernel():
+    return mx.fast.cuda_kernel(
+        name="vllm_metal_small_batch_linear",
+        input_names=["x", "w", "bias"],
+        output_names=["out"],
+        source=_SOURCE,
+        ensure_row_contiguous=True,
+    )
+
+
+@functools.cache
+def _no_bias(dtype) -> mx.array:
+    return mx.zeros((1,), dtype=dtype)
+
+
+def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """``x @ weight.T + bias`` for ``x`` [..., K] of at most ``MAX_ROWS`` rows and
+    ``weight`` [N, K] (``covers``)."""
+    out_features, width = weight.shape
+    rows = x.size // width
+    threads = 32 * WARPS
+    blocks = -(-out_features // WARPS)
+    out = _kernel()(
+        inputs=[x.reshape(rows, width), weight, bias if bias is not None else _no_bias(x.dtype)],
+        template=[("T", weight.dtype), ("M", rows), ("BIAS", bias is not None),
+                  ("WARPS", WARPS)],
+        grid=(blocks * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(rows, out_features)],
+        output_dtypes=[x.dtype],
+    )[0]
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+class SmallBatchLinear(nn.Linear):
+    """An ``nn.Linear`` whose few-row calls take the kernel."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if covers(x, self.weight):
+            return small_batch_linear(x, self.weight, self.get("bias"))
+        return super().__call__(x)
+
+
+class SmallBatchEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` whose use as the output head (tied weights) takes the
+    kernel for few rows."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if covers(x, self.weight):
+            return small_batch_linear(x, self.weight)
+        return super().as_linear(x)
+
+
+def route_linears(model: nn.Module) -> int:
+    """Turn every plain ``nn.Linear`` of ``model`` into a ``SmallBatchLinear`` where
+    the kernel is available; returns how many."""
+    if not available():
+        return 0
+    routed = 0
+    for _, module in model.named_modules():
+        # Same attributes and parameters; only the call differs.
+        if type(module) is nn.Linear:
+            module.__class__ = SmallBatchLinear
+            routed += 1
+        elif type(module) is nn.Embedding:
+            module.__class__ = SmallBatchEmbedding
+            routed += 1
+    return routed
