@@ -40,6 +40,8 @@ VARIANTS = {"default": {}, "sync": {"async_scheduling": False}, "eager": {"enfor
             "unfused": {"VLLM_METAL_FUSE_PROJECTIONS": "0"},
             "no-kernel": {"VLLM_METAL_PAGED_ATTENTION_KERNEL": "0"},
             "no-gemv": {"VLLM_METAL_GEMV_KERNEL": "0"},
+            # The runner's MLX work on the engine's thread (vLLM's Python and MLX's issue in turn).
+            "inline": {"VLLM_METAL_RUNNER_THREAD": "0"},
             # MLX's CUDA graphs of up to 100 kernels (default 20) for the engine only.
             "graphs100": {"MLX_MAX_OPS_PER_BUFFER": "100", "MLX_CUDA_GRAPH_CACHE_SIZE": "400"}}
 VARIANT_SHAPES = ("qwen3-0.6b", "tiny", "deep-tiny")  # shapes that also run the variants beside the default

@@ -8,6 +8,8 @@ values only once step n+1 is issued. Until then a request's host state holds
 ``PLACEHOLDER`` at that position, as vLLM's scheduler counts it.
 """
 
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,9 +29,12 @@ class InFlightTokens:
     slots: dict[str, tuple[int, int]]
     values: list[int] | None = None
     settled: bool = False
+    # Set once ``values`` are read; another thread may wait on it.
+    settled_event: threading.Event = field(default_factory=threading.Event)
 
     def read(self) -> list[int]:
         if self.values is None:
+            mx.eval(self.tokens)  # waits with the GIL released; tolist would hold it
             self.values = self.tokens.tolist()
         return self.values
 
@@ -80,3 +85,19 @@ class MetalAsyncOutput(AsyncModelRunnerOutput):
             sampled_token_ids=sampled,
             prompt_logprobs_dict=self.prompt_logprobs,
         )
+
+
+@dataclass
+class ThreadedOutput(AsyncModelRunnerOutput):
+    """A step whose forward and sampling were submitted to the runner's thread
+    (``mlx_thread``): the engine reads it when it needs it."""
+
+    forward: Future
+    sampled: Future
+
+    def get_output(self) -> ModelRunnerOutput:
+        self.forward.result()  # the forward's error, if it failed
+        output = self.sampled.result()
+        if isinstance(output, AsyncModelRunnerOutput):
+            return output.get_output()
+        return output

@@ -15,6 +15,7 @@
 | VLLM_METAL_FUSE_PROJECTIONS | 1 | 1 fuses projections that read the same input (attention's q/k/v, an MLP's gate/up) into one matmul at load: fewer primitives for the host to issue per step; 0 keeps them apart (off anyway with LoRA, whose adapters attach to each projection) |
 | VLLM_METAL_PAGED_ATTENTION_KERNEL | auto | auto, 1 or 0: decode attention as one custom kernel reading the paged pools (auto: on MLX's CUDA build, where MLX's fused attention takes no array mask); 0 gathers the context and runs MLX's attention |
 | VLLM_METAL_GEMV_KERNEL | auto | auto, 1 or 0: linear layers called with at most 8 rows (decode steps) as one custom matrix-vector kernel (auto: on MLX's CUDA build, where a matmul costs the host four times a custom kernel to issue); 0 keeps MLX's matmul |
+| VLLM_METAL_RUNNER_THREAD | 1 | 1 runs a one-process engine's MLX work (model load, each step's forward and sampling) on a thread of its own, so that vLLM's scheduling and output handling overlap MLX's launch of the forward; 0 runs it on the engine's thread |
 | VLLM_METAL_PEER_TIMEOUT | 3 | seconds a rank of a TP/PP engine waits for a silent peer's heartbeat (a stopped or hung process, a link down) before it stops the engine |
 
 A bad value stops startup with a message naming the variable and what it accepts.
@@ -154,6 +155,8 @@ _SETTINGS = [
     Setting("VLLM_METAL_GEMV_KERNEL", "auto",
             _choice("VLLM_METAL_GEMV_KERNEL", ("auto", "1", "0")),
             "custom small-batch linear kernel"),
+    Setting("VLLM_METAL_RUNNER_THREAD", "1", _flag("VLLM_METAL_RUNNER_THREAD"),
+            "MLX work on a thread of its own"),
     Setting("VLLM_METAL_PEER_TIMEOUT", "3", _seconds("VLLM_METAL_PEER_TIMEOUT"),
             "silent peer timeout"),
 ]

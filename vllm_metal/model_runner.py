@@ -110,6 +110,8 @@ class MetalModelRunner:
         # Asynchronous scheduling: the last step's greedy tokens, still on the device.
         self.async_scheduling = bool(self.scheduler_config.async_scheduling)
         self.in_flight: InFlightTokens | None = None
+        # Set by the worker where all of this runner's MLX work runs on one thread.
+        self.mlx_thread = None
         self.debug = envs.VLLM_METAL_DEBUG
         self.adapters = None  # vllm_metal.lora.Adapters under --enable-lora
         self.drafter = None
@@ -599,7 +601,7 @@ class MetalModelRunner:
             req_id_to_index=dict(batch.req_id_to_index),
             rows=rows,
             flight=self.in_flight,
-            settle=self._settle,
+            settle=self._settle if self.mlx_thread is None else self._settle_from_any_thread,
             prompt_logprobs=prompt_logprobs,
         )
 
@@ -623,6 +625,12 @@ class MetalModelRunner:
             row = batch.req_id_to_index.get(req_id)
             if row is not None:
                 batch.token_ids_cpu[row, len(request.prompt_token_ids) + position] = values[index]
+        flight.settled_event.set()
+
+    def _settle_from_any_thread(self, flight: InFlightTokens) -> None:
+        """``_settle`` for the engine's thread: the next step's forward settles this
+        one on the runner's thread; where none comes first, a settle queued there."""
+        self.mlx_thread.call_unless(flight.settled_event, self._settle, flight)
 
     def _encode_sampled(self, sampled: list[list[int]]) -> np.ndarray:
         """[num_reqs, 1 + drafts] of token + 1, 0 where none (the broadcast sums)."""

@@ -20,8 +20,34 @@ from vllm_metal.device import describe, keep_heap_between_steps, select_device
 logger = logging.getLogger("vllm.metal")
 
 class MetalWorker(WorkerBase):
+    """vLLM's calls in; the model runner's MLX work out, on the engine's thread or,
+    in a one-process engine, on a thread of its own (``mlx_thread``)."""
+
+    mlx_thread = None
+    _forward = None  # the submitted forward whose sampling comes next
+
     def init_device(self) -> None:
         envs.validate_all()
+        if self._runner_on_own_thread():
+            from vllm_metal.mlx_thread import MlxThread
+
+            self.mlx_thread = MlxThread()
+            logger.info("vllm-metal: the model runner works on a thread of its own "
+                        "(VLLM_METAL_RUNNER_THREAD=0: on the engine's)")
+        self._on_mlx(self._init_device)
+
+    def _runner_on_own_thread(self) -> bool:
+        parallel = self.parallel_config
+        return (envs.VLLM_METAL_RUNNER_THREAD and parallel.world_size == 1
+                and parallel.distributed_executor_backend == "uni")
+
+    def _on_mlx(self, fn, *args, **kwargs):
+        """``fn`` where this worker's MLX work runs."""
+        if self.mlx_thread is None:
+            return fn(*args, **kwargs)
+        return self.mlx_thread.call(fn, *args, **kwargs)
+
+    def _init_device(self) -> None:
         if self.parallel_config.world_size > 1 and envs.VLLM_METAL_DISTRIBUTED_BACKEND == "nccl":
             from vllm_metal.distributed.nccl import pin_gpu
 
@@ -41,6 +67,7 @@ class MetalWorker(WorkerBase):
         from vllm_metal.model_runner import MetalModelRunner
 
         self.model_runner = MetalModelRunner(self.vllm_config, self.model_parallel)
+        self.model_runner.mlx_thread = self.mlx_thread
 
     def _init_distributed(self):
         import torch
@@ -90,7 +117,7 @@ class MetalWorker(WorkerBase):
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         if load_dummy_weights:
             raise ValueError("vllm-metal cannot load dummy weights")
-        self.model_runner.load_model()
+        self._on_mlx(self.model_runner.load_model)
 
     def get_model(self):
         return self.model_runner.model.model
@@ -106,6 +133,9 @@ class MetalWorker(WorkerBase):
         return ["LBHNC"]
 
     def determine_available_memory(self) -> int:
+        return self._on_mlx(self._determine_available_memory)
+
+    def _determine_available_memory(self) -> int:
         """Bytes for this rank's KV cache (vllm_metal.memory has the rule), decided
         before anything of it is allocated."""
         view = memory.read_memory_view()
@@ -133,6 +163,9 @@ class MetalWorker(WorkerBase):
         )
 
     def initialize_from_config(self, kv_cache_config) -> None:
+        self._on_mlx(self._initialize_from_config, kv_cache_config)
+
+    def _initialize_from_config(self, kv_cache_config) -> None:
         resident = (_weights_bytes(self.model_runner) + memory.ACTIVATION_RESERVE_BYTES
                     + kv_cache_config.num_blocks * self.model_runner.kv_bytes_per_block())
         memory.keep_resident(memory.read_memory_view(), resident)
@@ -140,7 +173,7 @@ class MetalWorker(WorkerBase):
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         start = time.perf_counter()
-        self.model_runner.warm_up()
+        self._on_mlx(self.model_runner.warm_up)
         logger.info("Warm-up forward took %.2f s", time.perf_counter() - start)
         if self.model_parallel is not None:
             self.model_parallel.watch_peers(envs.VLLM_METAL_PEER_TIMEOUT)
@@ -154,12 +187,23 @@ class MetalWorker(WorkerBase):
         return ("generate",)
 
     def execute_model(self, scheduler_output):
+        if self.mlx_thread is not None and scheduler_output.total_num_scheduled_tokens > 0:
+            # Returns at once; the output comes from sample_tokens' ThreadedOutput.
+            self._forward = self.mlx_thread.submit(self.model_runner.execute_model,
+                                                   scheduler_output)
+            return None
         with self._stop_on_lost_rank():
-            return self.model_runner.execute_model(scheduler_output)
+            return self._on_mlx(self.model_runner.execute_model, scheduler_output)
 
     def sample_tokens(self, grammar_output):
+        if self._forward is not None:
+            from vllm_metal.async_output import ThreadedOutput
+
+            forward, self._forward = self._forward, None
+            sampled = self.mlx_thread.submit(self.model_runner.sample_tokens, grammar_output)
+            return ThreadedOutput(forward, sampled)
         with self._stop_on_lost_rank():
-            return self.model_runner.sample_tokens(grammar_output)
+            return self._on_mlx(self.model_runner.sample_tokens, grammar_output)
 
     @contextlib.contextmanager
     def _stop_on_lost_rank(self):
@@ -178,12 +222,12 @@ class MetalWorker(WorkerBase):
             os._exit(1)
 
     def take_draft_token_ids(self):
-        return self.model_runner.take_draft_token_ids()
+        return self._on_mlx(self.model_runner.take_draft_token_ids)
 
     def synchronize_device(self) -> None:
         import mlx.core as mx
 
-        mx.synchronize()
+        self._on_mlx(mx.synchronize)
 
     def reset_encoder_cache(self) -> None:
         return None
@@ -193,10 +237,10 @@ class MetalWorker(WorkerBase):
 
     # ---- LoRA (vllm_metal.lora) --------------------------------------------
     def add_lora(self, lora_request) -> bool:
-        return self._adapters().add(lora_request)
+        return self._on_mlx(self._adapters().add, lora_request)
 
     def remove_lora(self, lora_id: int) -> bool:
-        return self._adapters().remove(lora_id)
+        return self._on_mlx(self._adapters().remove, lora_id)
 
     def list_loras(self) -> set[int]:
         return self._adapters().ids()
@@ -221,6 +265,8 @@ class MetalWorker(WorkerBase):
 
     def shutdown(self) -> None:
         self.model_runner = None
+        if self.mlx_thread is not None:
+            self.mlx_thread.stop()
 
 
 def _weights_bytes(runner) -> int:
