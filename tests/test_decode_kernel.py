@@ -109,3 +109,34 @@ def test_kernel_matches_the_specification(dtype, heads, kv_heads, head_dim, wind
     tolerance = 1e-5 if dtype == mx.float32 else 2e-2
     assert mx.allclose(got.astype(mx.float32), want.astype(mx.float32), atol=tolerance,
                        rtol=tolerance).item()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_write_in_place_updates_the_pools_own_buffer(dtype):
+    rng = np.random.default_rng(3)
+    pool = mx.zeros((64 * 4, 32), dtype=dtype)
+    mx.eval(pool)
+    rows = mx.array(rng.permutation(64 * 4)[:2 * 3 * 2].reshape(2 * 3, 2, 1).astype(np.int32))
+    fresh = mx.array(rng.standard_normal((2 * 3, 2, 1, 32)), dtype=dtype)
+    after = decode_kernel.write_in_place(pool, rows, fresh)
+    read = after[rows]
+    mx.eval(read)
+    assert mx.array_equal(read, fresh).item()
+    # The array the caller holds is the same buffer, now written.
+    assert mx.array_equal(pool[rows], fresh).item()
+    untouched = np.setdiff1d(np.arange(64 * 4), np.array(rows).ravel())
+    assert not mx.any(pool[mx.array(untouched)]).item()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernels run on MLX's CUDA build")
+@pytest.mark.parametrize("arch, overrides", [("qwen3", {"head_dim": 32}),
+                                             ("gemma3_text", {"head_dim": 32, "sliding_window": 8})])
+def test_engine_with_the_kernels_gives_the_plain_tokens(arch, overrides, tiny_model, monkeypatch):
+    """Compiled decode steps writing the pools in place, issued before the step in
+    flight ends, mixed with prefill chunks that scatter: the tokens of the plain path."""
+    model = tiny_model(arch, **overrides)
+    with_kernels = generate(model, enforce_eager=False)
+    monkeypatch.setenv("VLLM_METAL_PAGED_ATTENTION_KERNEL", "0")
+    plain = generate(model, enforce_eager=False)
+    assert with_kernels == plain

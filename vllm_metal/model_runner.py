@@ -400,14 +400,16 @@ class MetalModelRunner:
             self.step_state = StepState(scheduler_output, None)
             return None
         rows_logits, prompt_logits, draft_checks = [], {}, {}
+        wait_first = self._needs_last_step_first(groups)
         for i, group in enumerate(groups):
             logits = self._run_group(group, prompt_logits, draft_checks)
             rows_logits.append((group.rows, logits))
             if i == 0:
-                # The graph is built; now wait for the last step, whose KV writes
-                # must land before this one's (see below).
+                # The graph is built; wait for the last step here where this one
+                # may not be issued before it ends (see below).
                 t_built = time.perf_counter()
-                self._settle(self.in_flight)
+                if wait_first:
+                    self._settle(self.in_flight)
                 t_settled = time.perf_counter()
             # Each group must finish before the next writes the same KV pools:
             # a pool still referenced by a pending graph would be copied, not updated.
@@ -415,14 +417,17 @@ class MetalModelRunner:
                 self._evaluate(logits, prompt_logits, draft_checks)
             else:
                 mx.async_eval(logits, prompt_logits, draft_checks)
+        t_issued = time.perf_counter()
+        self._settle(self.in_flight)  # the host learns the last step's tokens
+        waited = (t_settled - t_built) + (time.perf_counter() - t_issued)
         order = np.argsort(np.concatenate([rows for rows, _ in rows_logits]))
         logits = mx.concatenate([lg for _, lg in rows_logits], axis=0)
         if len(groups) > 1:
             logits = logits[mx.array(order)]
         self.step_state = StepState(
             scheduler_output, logits, prompt_logits, draft_checks,
-            {"prepare": t1 - t0, "build": t_built - t1, "wait_last": t_settled - t_built,
-             "forward_issue": time.perf_counter() - t1 - (t_settled - t_built)},
+            {"prepare": t1 - t0, "build": t_built - t1, "wait_last": waited,
+             "forward_issue": t_issued - t1 - (t_settled - t_built)},
         )
         return None
 
@@ -464,8 +469,7 @@ class MetalModelRunner:
         if self.adapters is not None:
             self.adapters.activate([int(batch.request_lora_mapping[row]) for row in group.rows],
                                    batch.lora_id_to_lora_request)
-        if self.decode_graphs is not None and L == 1 and not any(
-                batch.req_ids[row] in self.num_prompt_logprobs for row in group.rows):
+        if self._takes_decode_graph(group):
             return self.decode_graphs.logits(tokens, block_table, np.asarray(group.starts))
         plan = BatchPlan.build(block_table, group.starts, qlens, self.block_size,
                                self.num_kv_heads, self.grouped_mask, self.kv_entries)
@@ -485,6 +489,19 @@ class MetalModelRunner:
                 verify = hidden[i, qlens[i] - 1 - num_drafts[i] : qlens[i]]
                 draft_checks[row] = mx.argmax(self.model.logits(verify), axis=-1)
         return self.model.logits(sample_at)
+
+    def _takes_decode_graph(self, group: ForwardGroup) -> bool:
+        return (self.decode_graphs is not None and max(group.query_lens) == 1
+                and not any(self.input_batch.req_ids[row] in self.num_prompt_logprobs
+                            for row in group.rows))
+
+    def _needs_last_step_first(self, groups: list[ForwardGroup]) -> bool:
+        """Whether this step's forward must wait for the step in flight before it is
+        issued: a step that scatters into the pools must (a pool that a pending step
+        still holds would be copied whole); one whose pools are written in place
+        (a compiled decode step with the CUDA kernels) need not."""
+        return not (len(groups) == 1 and self._takes_decode_graph(groups[0])
+                    and self.decode_graphs.writes_in_place)
 
     def _stage_result(self, hidden_rows: mx.array):
         """What a forward ends in: logits on the last stage, the pending send before it."""

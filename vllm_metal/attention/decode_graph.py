@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from vllm_metal.attention import decode_kernel
 from vllm_metal.attention.paged import (
     NULL_BLOCK,
     window_of,
@@ -49,6 +50,9 @@ class DecodeGraphs:
                  use_kernel: bool = False):
         self.model = model
         self.use_kernel = use_kernel
+        # The kernels' build writes the pools in place: a step need not wait for
+        # the one before to be issued (``decode_kernel.write_in_place``).
+        self.writes_in_place = use_kernel and decode_kernel.on_cuda()
         self.kv = kv_cache
         # None too: mlx-lm builds a plain causal mask before the layers ask for theirs.
         self.windows = sorted(set(windows) | {None}, key=lambda w: -1 if w is None else w)
@@ -63,9 +67,11 @@ class DecodeGraphs:
             tokens = mx.concatenate([tokens, mx.zeros((rows - batch, 1), tokens.dtype)])
         inputs = self._inputs(block_tables, positions, rows)
         kv = self.kv
-        logits, kv.pools = self._step(
-            tokens, inputs.offsets, inputs.write_rows, inputs.read_blocks, inputs.masks,
-            kv.pools)
+        outputs = self._step(tokens, inputs.offsets, inputs.write_rows, inputs.read_blocks,
+                             inputs.masks, kv.pools)
+        logits = outputs[0]
+        if not self.writes_in_place:
+            kv.pools = outputs[1]
         return logits[:batch] if rows > batch else logits
 
     def _inputs(self, block_tables: np.ndarray, positions: np.ndarray, rows: int) -> DecodeInputs:
@@ -98,10 +104,12 @@ class DecodeGraphs:
     def _forward(self, tokens, offsets, write_rows, read_blocks, masks, pools):
         pools = list(pools)
         plan = _StepPlan(offsets, write_rows, position_rows(read_blocks, self.kv.block_size),
-                         dict(zip(self.windows, masks)), self.use_kernel)
+                         dict(zip(self.windows, masks)), self.use_kernel, self.writes_in_place)
         hidden = self.model.hidden_states(tokens, [self.kv.layer_cache(pools, i, plan)
                                                    for i in range(len(pools))])
-        return self.model.logits(hidden[:, -1]), pools
+        logits = self.model.logits(hidden[:, -1])
+        # Pools written in place stay the arrays they were: nothing new to hand back.
+        return (logits,) if self.writes_in_place else (logits, pools)
 
 
 @dataclass
@@ -113,6 +121,7 @@ class _StepPlan:
     read_rows: mx.array
     masks: dict
     use_kernel: bool = False
+    write_in_place: bool = False
 
     def window_of(self, mask) -> tuple[bool, int | None]:
         return window_of(mask, self.masks)

@@ -99,15 +99,32 @@ _SOURCE = """
 """
 
 
+_WRITE_SOURCE = """
+    const long D = fresh_shape[fresh_ndim - 1];
+    long total = D;
+    for (int i = 0; i < fresh_ndim - 1; ++i) total *= fresh_shape[i];
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx == 0) written[0] = 1;
+    if (idx >= total) return;
+    // The pool is this kernel's input: MLX sees no new array, the buffer stays the pool's.
+    P* target = const_cast<P*>(pool);
+    target[(long)rows[idx / D] * D + idx % D] = fresh[idx];
+"""
+
+
+def on_cuda() -> bool:
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
 def available() -> bool:
     choice = envs.VLLM_METAL_PAGED_ATTENTION_KERNEL
     if choice == "0":
         return False
-    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
-    if choice == "1" and not on_cuda:
+    cuda = on_cuda()
+    if choice == "1" and not cuda:
         raise RuntimeError("VLLM_METAL_PAGED_ATTENTION_KERNEL=1 needs MLX's CUDA build on an "
                            "NVIDIA GPU; use auto or 0 here")
-    return on_cuda
+    return cuda
 
 
 def covers(queries: mx.array, pool: mx.array) -> bool:
@@ -128,6 +145,41 @@ def _kernel():
         source=_SOURCE,
         ensure_row_contiguous=False,
     )
+
+
+@functools.cache
+def _write_kernel():
+    return mx.fast.cuda_kernel(
+        name="vllm_metal_paged_kv_write",
+        input_names=["pool", "rows", "fresh"],
+        output_names=["written"],
+        source=_WRITE_SOURCE,
+        ensure_row_contiguous=True,
+    )
+
+
+def write_in_place(pool: mx.array, rows: mx.array, fresh: mx.array) -> mx.array:
+    """Write ``fresh`` [..., D] to the pool rows ``rows`` [...] in the pool's own
+    buffer; returns the pool as it reads after the write (the same buffer).
+
+    A scatter (``pool[rows] = fresh``) makes a new pool array, which reuses the
+    old buffer only when nothing else holds it: while the step before is still
+    on the device it does, and MLX then copies the whole pool. So a step issued
+    by scatter must wait for the one before; one issued by this kernel need not.
+    Steps run in issue order on the stream, so step n+1 writes after step n has
+    read. Readers of this step must use the returned array, which depends on
+    the write."""
+    threads = 256
+    total = fresh.size
+    written = _write_kernel()(
+        inputs=[pool, rows, fresh.astype(pool.dtype)],
+        template=[("P", pool.dtype)],
+        grid=(-(-total // threads) * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(1,)],
+        output_dtypes=[mx.int32],
+    )[0]
+    return mx.depends(pool, written)
 
 
 @functools.cache

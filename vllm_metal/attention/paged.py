@@ -205,7 +205,7 @@ class LayerCache:
         pool = pools[i]
         if pool is None:
             raise RuntimeError(f"layer {i} has no KV pool on this rank")
-        pool[plan.write_rows] = mx.concatenate([keys, values])
+        pool = _write(pool, plan, mx.concatenate([keys, values]))
         pools[i] = pool
         keys, values = mx.split(pool[plan.read_rows], 2)  # views, no copies
         return keys, values
@@ -254,10 +254,19 @@ class LatentLayerCache(LayerCache):
         pool = pools[i]
         if pool is None:
             raise RuntimeError(f"layer {i} has no KV pool on this rank")
-        pool[plan.write_rows] = mx.concatenate([latent, rope_keys], axis=-1)
+        pool = _write(pool, plan, mx.concatenate([latent, rope_keys], axis=-1))
         pools[i] = pool
         context = pool[plan.read_rows]
         return context[..., : self.latent_width], context[..., self.latent_width:]
+
+
+def _write(pool: mx.array, plan, fresh: mx.array) -> mx.array:
+    """The pool after this step's keys and values are written: in place where the
+    plan says so (``decode_kernel.write_in_place``), else by a scatter."""
+    if getattr(plan, "write_in_place", False):
+        return decode_kernel.write_in_place(pool, plan.write_rows, fresh)
+    pool[plan.write_rows] = fresh
+    return pool
 
 
 def window_of(mask, masks: dict) -> tuple[bool, int | None]:
