@@ -119,9 +119,10 @@ def test_write_in_place_updates_the_pools_own_buffer(dtype):
     mx.eval(pool)
     rows = mx.array(rng.permutation(64 * 4)[:2 * 3 * 2].reshape(2 * 3, 2, 1).astype(np.int32))
     fresh = mx.array(rng.standard_normal((2 * 3, 2, 1, 32)), dtype=dtype)
-    after = decode_kernel.write_in_place(pool, rows, fresh)
-    read = after[rows]
+    written = decode_kernel.write_in_place(pool, rows, fresh)
+    read = pool[rows + written]
     mx.eval(read)
+    assert written.item() == 0
     assert mx.array_equal(read, fresh).item()
     # The array the caller holds is the same buffer, now written.
     assert mx.array_equal(pool[rows], fresh).item()
@@ -136,7 +137,9 @@ def test_engine_with_the_kernels_gives_the_plain_tokens(arch, overrides, tiny_mo
     """Compiled decode steps writing the pools in place, issued before the step in
     flight ends, mixed with prefill chunks that scatter: the tokens of the plain path."""
     model = tiny_model(arch, **overrides)
+    monkeypatch.setenv("VLLM_METAL_KV_WRITE_IN_PLACE", "1")
     with_kernels = generate(model, enforce_eager=False)
+    monkeypatch.setenv("VLLM_METAL_KV_WRITE_IN_PLACE", "0")
     monkeypatch.setenv("VLLM_METAL_PAGED_ATTENTION_KERNEL", "0")
     plain = generate(model, enforce_eager=False)
     assert with_kernels == plain

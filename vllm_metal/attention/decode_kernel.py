@@ -104,7 +104,7 @@ _WRITE_SOURCE = """
     long total = D;
     for (int i = 0; i < fresh_ndim - 1; ++i) total *= fresh_shape[i];
     const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx == 0) written[0] = 1;
+    if (idx == 0) written[0] = 0;
     if (idx >= total) return;
     // The pool is this kernel's input: MLX sees no new array, the buffer stays the pool's.
     P* target = const_cast<P*>(pool);
@@ -114,6 +114,16 @@ _WRITE_SOURCE = """
 
 def on_cuda() -> bool:
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def writes_in_place() -> bool:
+    """Whether compiled decode steps write the pools in place (``write_in_place``)."""
+    if not envs.VLLM_METAL_KV_WRITE_IN_PLACE:
+        return False
+    if not on_cuda():
+        raise RuntimeError("VLLM_METAL_KV_WRITE_IN_PLACE=1 needs MLX's CUDA build on an NVIDIA "
+                           "GPU; use 0 here")
+    return True
 
 
 def available() -> bool:
@@ -160,18 +170,19 @@ def _write_kernel():
 
 def write_in_place(pool: mx.array, rows: mx.array, fresh: mx.array) -> mx.array:
     """Write ``fresh`` [..., D] to the pool rows ``rows`` [...] in the pool's own
-    buffer; returns the pool as it reads after the write (the same buffer).
+    buffer; returns a zero-valued int32 [1] for the readers to depend on.
 
     A scatter (``pool[rows] = fresh``) makes a new pool array, which reuses the
     old buffer only when nothing else holds it: while the step before is still
     on the device it does, and MLX then copies the whole pool. So a step issued
     by scatter must wait for the one before; one issued by this kernel need not.
     Steps run in issue order on the stream, so step n+1 writes after step n has
-    read. Readers of this step must use the returned array, which depends on
-    the write."""
+    read. Within a step, MLX sees the write as a reader of the pool: a reader
+    must take the returned array as an input (``LayerCache`` adds it to its read
+    rows), or MLX may run it before, or beside, the write."""
     threads = 256
     total = fresh.size
-    written = _write_kernel()(
+    return _write_kernel()(
         inputs=[pool, rows, fresh.astype(pool.dtype)],
         template=[("P", pool.dtype)],
         grid=(-(-total // threads) * threads, 1, 1),
@@ -179,7 +190,6 @@ def write_in_place(pool: mx.array, rows: mx.array, fresh: mx.array) -> mx.array:
         output_shapes=[(1,)],
         output_dtypes=[mx.int32],
     )[0]
-    return mx.depends(pool, written)
 
 
 @functools.cache

@@ -194,6 +194,24 @@ class LayerCache:
         self.pools = pools
         self.layer = layer
         self.plan = plan
+        self.read_rows = plan.read_rows  # after a write in place: rows that wait for it
+
+    def _check_pool(self) -> None:
+        if self.pools[self.layer] is None:
+            raise RuntimeError(f"layer {self.layer} has no KV pool on this rank")
+
+    def _write(self, fresh: mx.array) -> mx.array:
+        """Write this step's keys and values; returns the rows to read them back
+        by. In place where the plan says so (``decode_kernel.write_in_place``: the
+        rows then depend on the write), else by a scatter into a new pool array."""
+        pools, i, plan = self.pools, self.layer, self.plan
+        if getattr(plan, "write_in_place", False):
+            written = decode_kernel.write_in_place(pools[i], plan.write_rows, fresh)
+            return plan.read_rows + written  # zero: only an edge from the write
+        pool = pools[i]
+        pool[plan.write_rows] = fresh
+        pools[i] = pool
+        return plan.read_rows
 
     @property
     def offset(self) -> mx.array:
@@ -201,13 +219,9 @@ class LayerCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """``keys``/``values``: [B, H, L, D] -> the context's [B, H, S, D]."""
-        pools, i, plan = self.pools, self.layer, self.plan
-        pool = pools[i]
-        if pool is None:
-            raise RuntimeError(f"layer {i} has no KV pool on this rank")
-        pool = _write(pool, plan, mx.concatenate([keys, values]))
-        pools[i] = pool
-        keys, values = mx.split(pool[plan.read_rows], 2)  # views, no copies
+        self._check_pool()
+        self.read_rows = self._write(mx.concatenate([keys, values]))
+        keys, values = mx.split(self.pools[self.layer][self.read_rows], 2)  # views, no copies
         return keys, values
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
@@ -225,7 +239,7 @@ class LayerCache:
         known, window = plan.window_of(mask)
         if not known:
             return None
-        return decode_kernel.paged_decode_attention(queries, pool, plan.read_rows, plan.offsets,
+        return decode_kernel.paged_decode_attention(queries, pool, self.read_rows, plan.offsets,
                                                     scale, window, sinks)
 
     def is_trimmable(self) -> bool:
@@ -250,23 +264,10 @@ class LatentLayerCache(LayerCache):
     def update_and_fetch(self, latent: mx.array, rope_keys: mx.array):
         """``latent`` [B, 1, L, R], ``rope_keys`` [B, 1, L, P] -> the context's
         [B, 1, S, R] and [B, 1, S, P]."""
-        pools, i, plan = self.pools, self.layer, self.plan
-        pool = pools[i]
-        if pool is None:
-            raise RuntimeError(f"layer {i} has no KV pool on this rank")
-        pool = _write(pool, plan, mx.concatenate([latent, rope_keys], axis=-1))
-        pools[i] = pool
-        context = pool[plan.read_rows]
+        self._check_pool()
+        self.read_rows = self._write(mx.concatenate([latent, rope_keys], axis=-1))
+        context = self.pools[self.layer][self.read_rows]
         return context[..., : self.latent_width], context[..., self.latent_width:]
-
-
-def _write(pool: mx.array, plan, fresh: mx.array) -> mx.array:
-    """The pool after this step's keys and values are written: in place where the
-    plan says so (``decode_kernel.write_in_place``), else by a scatter."""
-    if getattr(plan, "write_in_place", False):
-        return decode_kernel.write_in_place(pool, plan.write_rows, fresh)
-    pool[plan.write_rows] = fresh
-    return pool
 
 
 def window_of(mask, masks: dict) -> tuple[bool, int | None]:
