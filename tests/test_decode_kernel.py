@@ -17,8 +17,9 @@ from conftest import engine_greedy_tokens
 from vllm.inputs import TokensPrompt
 
 from vllm_metal.attention import decode_kernel
+from vllm_metal.device import on_cuda
 
-ON_CUDA = mx.default_device() == mx.gpu and mx.cuda.is_available()
+ON_CUDA = on_cuda()
 
 
 def prompts():

@@ -15,9 +15,10 @@ import pytest
 from conftest import engine_greedy_tokens
 from vllm.inputs import TokensPrompt
 
+from vllm_metal.device import on_cuda
 from vllm_metal.models import gemv
 
-ON_CUDA = mx.default_device() == mx.gpu and mx.cuda.is_available()
+ON_CUDA = on_cuda()
 
 
 def plain_product(x, weight, bias=None):

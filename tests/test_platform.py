@@ -7,11 +7,11 @@ import subprocess
 import sys
 import time
 
-import mlx.core as mx
 import pytest
 from conftest import start_llm
 
 from vllm_metal import envs
+from vllm_metal.device import on_cuda
 from vllm_metal.models.registry import SUPPORTED_ARCHITECTURES
 
 
@@ -65,8 +65,7 @@ def test_bad_setting_stops_engine_startup(tiny_model, monkeypatch):
         start_llm(tiny_model("qwen3"))
 
 
-@pytest.mark.skipif(mx.default_device() == mx.gpu and mx.cuda.is_available(),
-                    reason="the kernel is available on CUDA")
+@pytest.mark.skipif(on_cuda(), reason="the kernels run on CUDA")
 @pytest.mark.parametrize("setting", ["VLLM_METAL_PAGED_ATTENTION_KERNEL", "VLLM_METAL_GEMV_KERNEL",
                                      "VLLM_METAL_KV_WRITE_IN_PLACE"])
 def test_forcing_a_cuda_kernel_elsewhere_is_refused(tiny_model, monkeypatch, setting):

@@ -87,6 +87,25 @@ def select_device():
     return mx.default_device()
 
 
+def on_cuda() -> bool:
+    """Whether MLX runs on its CUDA build's GPU (where the project's CUDA kernels run)."""
+    import mlx.core as mx
+
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def cuda_feature(setting: str, choice: str) -> bool:
+    """Whether a feature of MLX's CUDA build is on, from its setting's value: 0 off,
+    auto where it can run, 1 on (off that build: startup stops)."""
+    if choice == "0":
+        return False
+    cuda = on_cuda()
+    if choice == "1" and not cuda:
+        raise RuntimeError(f"{setting}=1 needs MLX's CUDA build on an NVIDIA GPU; set it to 0 "
+                           "(or leave it out) here")
+    return cuda
+
+
 def describe() -> str:
     import mlx.core as mx
 

@@ -23,6 +23,7 @@ import functools
 import mlx.core as mx
 
 from vllm_metal import envs
+from vllm_metal.device import cuda_feature
 
 WARPS = 4
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
@@ -112,29 +113,14 @@ _WRITE_SOURCE = """
 """
 
 
-def on_cuda() -> bool:
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
-
-
 def writes_in_place() -> bool:
     """Whether compiled decode steps write the pools in place (``write_in_place``)."""
-    if not envs.VLLM_METAL_KV_WRITE_IN_PLACE:
-        return False
-    if not on_cuda():
-        raise RuntimeError("VLLM_METAL_KV_WRITE_IN_PLACE=1 needs MLX's CUDA build on an NVIDIA "
-                           "GPU; use 0 here")
-    return True
+    return cuda_feature("VLLM_METAL_KV_WRITE_IN_PLACE",
+                        "1" if envs.VLLM_METAL_KV_WRITE_IN_PLACE else "0")
 
 
 def available() -> bool:
-    choice = envs.VLLM_METAL_PAGED_ATTENTION_KERNEL
-    if choice == "0":
-        return False
-    cuda = on_cuda()
-    if choice == "1" and not cuda:
-        raise RuntimeError("VLLM_METAL_PAGED_ATTENTION_KERNEL=1 needs MLX's CUDA build on an "
-                           "NVIDIA GPU; use auto or 0 here")
-    return cuda
+    return cuda_feature("VLLM_METAL_PAGED_ATTENTION_KERNEL", envs.VLLM_METAL_PAGED_ATTENTION_KERNEL)
 
 
 def covers(queries: mx.array, pool: mx.array) -> bool:

@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from vllm_metal import envs
+from vllm_metal.device import cuda_feature
 
 WARPS = 4
 MAX_ROWS = 8
@@ -71,14 +72,7 @@ _SOURCE = """
 
 
 def available() -> bool:
-    choice = envs.VLLM_METAL_GEMV_KERNEL
-    if choice == "0":
-        return False
-    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
-    if choice == "1" and not on_cuda:
-        raise RuntimeError("VLLM_METAL_GEMV_KERNEL=1 needs MLX's CUDA build on an NVIDIA GPU; "
-                           "use auto or 0 here")
-    return on_cuda
+    return cuda_feature("VLLM_METAL_GEMV_KERNEL", envs.VLLM_METAL_GEMV_KERNEL)
 
 
 def covers(x: mx.array, weight: mx.array) -> bool:
