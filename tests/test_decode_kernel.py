@@ -134,13 +134,17 @@ def test_write_in_place_updates_the_pools_own_buffer(dtype):
 @pytest.mark.skipif(not ON_CUDA, reason="the kernels run on MLX's CUDA build")
 @pytest.mark.parametrize("arch, overrides", [("qwen3", {"head_dim": 32}),
                                              ("gemma3_text", {"head_dim": 32, "sliding_window": 8})])
-def test_engine_with_the_kernels_gives_the_plain_tokens(arch, overrides, tiny_model, monkeypatch):
+@pytest.mark.parametrize("attention_kernel", ["auto", "0"], ids=["kernel", "gather"])
+def test_engine_writing_in_place_gives_the_plain_tokens(arch, overrides, attention_kernel,
+                                                        tiny_model, monkeypatch):
     """Compiled decode steps writing the pools in place, issued before the step in
-    flight ends, mixed with prefill chunks that scatter: the tokens of the plain path."""
+    flight ends, mixed with prefill chunks that scatter; read back by the attention
+    kernel or by a gather: the tokens of the plain path."""
     model = tiny_model(arch, **overrides)
     monkeypatch.setenv("VLLM_METAL_KV_WRITE_IN_PLACE", "1")
-    with_kernels = generate(model, enforce_eager=False)
+    monkeypatch.setenv("VLLM_METAL_PAGED_ATTENTION_KERNEL", attention_kernel)
+    in_place = generate(model, enforce_eager=False)
     monkeypatch.setenv("VLLM_METAL_KV_WRITE_IN_PLACE", "0")
     monkeypatch.setenv("VLLM_METAL_PAGED_ATTENTION_KERNEL", "0")
     plain = generate(model, enforce_eager=False)
-    assert with_kernels == plain
+    assert in_place == plain

@@ -74,6 +74,13 @@ def test_forcing_a_cuda_kernel_elsewhere_is_refused(tiny_model, monkeypatch, set
         start_llm(tiny_model("qwen3"))
 
 
+def test_in_place_kv_writes_without_compiled_decode_steps_are_refused(tiny_model, monkeypatch):
+    monkeypatch.setenv("VLLM_METAL_KV_WRITE_IN_PLACE", "1")
+    # vLLM's config validation wraps the platform's UnsupportedConfig (a ValueError).
+    with pytest.raises(ValueError, match="VLLM_METAL_KV_WRITE_IN_PLACE=1 with --enforce-eager"):
+        start_llm(tiny_model("qwen3"), enforce_eager=True)
+
+
 def test_unsupported_architecture_is_refused_with_the_list(tiny_model, tmp_path):
     model_dir = tmp_path / "falcon"
     shutil.copytree(tiny_model("qwen3"), model_dir)

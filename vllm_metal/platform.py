@@ -235,7 +235,25 @@ def refuse_unsupported(vllm_config) -> None:
         problems += parallel_problems(vllm_config)
     problems += worker_start_method_problems()
     problems += ray_problems(parallel)
+    problems += in_place_write_problems(vllm_config)
     _raise_for(problems)
+
+
+def in_place_write_problems(vllm_config) -> list[str]:
+    """VLLM_METAL_KV_WRITE_IN_PLACE=1 acts on compiled decode steps only, which
+    the engine runs with one rank, no LoRA and no --enforce-eager."""
+    if not envs.VLLM_METAL_KV_WRITE_IN_PLACE:
+        return []
+    model = vllm_config.model_config
+    off_by = [name for name, on in (
+        ("--enforce-eager", model is not None and model.enforce_eager),
+        ("--enable-lora", vllm_config.lora_config is not None),
+        ("tensor or pipeline parallelism", vllm_config.parallel_config.world_size > 1),
+    ) if on]
+    if not off_by:
+        return []
+    return [f"VLLM_METAL_KV_WRITE_IN_PLACE=1 with {', '.join(off_by)} (it acts on compiled "
+            "decode steps, which these turn off): unset VLLM_METAL_KV_WRITE_IN_PLACE"]
 
 
 def ray_problems(parallel) -> list[str]:

@@ -52,7 +52,7 @@ class DecodeGraphs:
         self.use_kernel = use_kernel
         # Pools written in place: a step need not wait for the one before to be
         # issued (``decode_kernel.write_in_place``).
-        self.writes_in_place = use_kernel and decode_kernel.writes_in_place()
+        self.writes_in_place = decode_kernel.writes_in_place()
         self.kv = kv_cache
         # None too: mlx-lm builds a plain causal mask before the layers ask for theirs.
         self.windows = sorted(set(windows) | {None}, key=lambda w: -1 if w is None else w)
