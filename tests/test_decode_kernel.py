@@ -113,6 +113,20 @@ def test_kernel_matches_the_specification(dtype, heads, kv_heads, head_dim, wind
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
+def test_kernel_reads_rows_through_their_strides():
+    """An eager step's rows are a slice of its blocks' rows, up to the longest
+    context: a view whose rows are not packed."""
+    queries, pool, rows, offsets = random_case(5, 16, 8, 128, mx.bfloat16, seed=4)
+    longest = int(mx.max(offsets).item()) + 1
+    sliced = rows[..., :longest]
+    assert longest < rows.shape[-1]
+    got = decode_kernel.paged_decode_attention(queries, pool, sliced, offsets, 0.1)
+    want = decode_kernel.reference_decode_attention(queries, pool, sliced, offsets, 0.1)
+    assert mx.allclose(got.astype(mx.float32), want.astype(mx.float32), atol=2e-2,
+                       rtol=2e-2).item()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_write_in_place_updates_the_pools_own_buffer(dtype):
     rng = np.random.default_rng(3)

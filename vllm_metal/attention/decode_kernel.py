@@ -34,7 +34,7 @@ _SOURCE = """
     const int B = q_shape[0];
     const int HQ = q_shape[1];
     const int HKV = rows_shape[1];
-    const int S = rows_shape[2];
+    const long rs0 = rows_strides[0], rs1 = rows_strides[1], rs2 = rows_strides[2];
     const int bh = blockIdx.x;
     const int b = bh / HQ;
     const int h = bh % HQ;
@@ -50,15 +50,16 @@ _SOURCE = """
     for (int i = 0; i < PER; ++i) {
         qv[i] = static_cast<float>(q[q_base + (long)(lane * PER + i) * q_strides[3]]) * scale;
     }
-    const int* key_rows = rows + ((long)b * HKV + kvh) * S;
-    const int* value_rows = rows + ((long)(B + b) * HKV + kvh) * S;
+    // Read rows through their strides: an eager step's rows are a slice of wider ones.
+    const int* key_rows = rows + (long)b * rs0 + (long)kvh * rs1;
+    const int* value_rows = rows + (long)(B + b) * rs0 + (long)kvh * rs1;
 
     float m = neg_inf;
     float l = 0.f;
     float acc[PER];
     for (int i = 0; i < PER; ++i) acc[i] = 0.f;
     for (int j = start + warp; j < len; j += WARPS) {
-        const P* k = pool + (long)key_rows[j] * D + lane * PER;
+        const P* k = pool + (long)key_rows[j * rs2] * D + lane * PER;
         float s = 0.f;
         for (int i = 0; i < PER; ++i) s += qv[i] * static_cast<float>(k[i]);
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
@@ -66,7 +67,7 @@ _SOURCE = """
         const float keep = expf(m - m_new);
         const float p = expf(s - m_new);
         l = l * keep + p;
-        const P* v = pool + (long)value_rows[j] * D + lane * PER;
+        const P* v = pool + (long)value_rows[j * rs2] * D + lane * PER;
         for (int i = 0; i < PER; ++i) acc[i] = acc[i] * keep + p * static_cast<float>(v[i]);
         m = m_new;
     }
