@@ -118,16 +118,17 @@ def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = No
     threads = 32 * WARPS
     per_warp = _rows_per_warp(rows)
     blocks = -(-out_features // (WARPS * per_warp))
-    out = _kernel()(
-        inputs=[x.reshape(rows, width), weight, bias if bias is not None else _no_bias(x.dtype)],
+    # The kernel reads ``x`` as rows of ``width`` and writes rows of ``out_features``,
+    # whatever the leading axes: no reshapes (each a primitive the host issues).
+    return _kernel()(
+        inputs=[x, weight, bias if bias is not None else _no_bias(x.dtype)],
         template=[("T", weight.dtype), ("M", rows), ("R", per_warp), ("BIAS", bias is not None),
                   ("WARPS", WARPS)],
         grid=(blocks * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(rows, out_features)],
+        output_shapes=[(*x.shape[:-1], out_features)],
         output_dtypes=[x.dtype],
     )[0]
-    return out.reshape(*x.shape[:-1], out_features)
 
 
 class SmallBatchLinear(nn.Linear):
