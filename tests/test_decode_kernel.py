@@ -128,13 +128,19 @@ def test_kernel_reads_rows_through_their_strides():
 
 @pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_write_in_place_updates_the_pools_own_buffer(dtype):
+@pytest.mark.parametrize("entries", [2, 1], ids=["keys-and-values", "latent-rows"])
+def test_write_in_place_updates_the_pools_own_buffer(dtype, entries):
     rng = np.random.default_rng(3)
-    pool = mx.zeros((64 * 4, 32), dtype=dtype)
+    B, H, L, D = 3, 2, 2, 32
+    pool = mx.zeros((64 * 4, D), dtype=dtype)
     mx.eval(pool)
-    rows = mx.array(rng.permutation(64 * 4)[:2 * 3 * 2].reshape(2 * 3, 2, 1).astype(np.int32))
-    fresh = mx.array(rng.standard_normal((2 * 3, 2, 1, 32)), dtype=dtype)
-    written = decode_kernel.write_in_place(pool, rows, fresh)
+    rows = mx.array(rng.permutation(64 * 4)[:entries * B * H * L]
+                    .reshape(entries * B, H, L).astype(np.int32))
+    keys = mx.array(rng.standard_normal((B, H, L, D)), dtype=dtype)
+    # Values as mlx-lm hands them over: a transposed view, not packed.
+    values = mx.array(rng.standard_normal((B, L, H, D)), dtype=dtype).transpose(0, 2, 1, 3)
+    written = decode_kernel.write_in_place(pool, rows, keys, values if entries == 2 else None)
+    fresh = mx.concatenate([keys, values]) if entries == 2 else keys
     read = pool[rows + written]
     mx.eval(read)
     assert written.item() == 0

@@ -44,6 +44,7 @@ _SOURCE = """
     const int len = offsets[b] + 1;
     const int start = WINDOW > 0 ? max(0, len - WINDOW) : 0;
     const float scale = scale_arr[0];
+    (void)after;  // an input only for its order: it runs after the pool's write
 
     float qv[PER];
     const long q_base = (long)b * q_strides[0] + (long)h * q_strides[1];
@@ -102,15 +103,31 @@ _SOURCE = """
 
 
 _WRITE_SOURCE = """
-    const long D = fresh_shape[fresh_ndim - 1];
-    long total = D;
-    for (int i = 0; i < fresh_ndim - 1; ++i) total *= fresh_shape[i];
+    // keys, values: [B, H, L, D] at any strides; rows: [E * B, H, L], the keys' pool
+    // rows then (E == 2) the values'. One thread per value written.
+    const int B = keys_shape[0], H = keys_shape[1], L = keys_shape[2], D = keys_shape[3];
+    const long per_entry = (long)B * H * L * D;
     const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx == 0) written[0] = 0;
-    if (idx >= total) return;
+    if (idx >= E * per_entry) return;
+    const int e = idx / per_entry;
+    long rest = idx % per_entry;
+    const int d = rest % D;
+    rest /= D;
+    const int l = rest % L;
+    rest /= L;
+    const int h = rest % H;
+    const int b = rest / H;
+    const float value = e == 0
+        ? static_cast<float>(keys[b * keys_strides[0] + h * keys_strides[1]
+                                  + l * keys_strides[2] + d * keys_strides[3]])
+        : static_cast<float>(values[b * values_strides[0] + h * values_strides[1]
+                                    + l * values_strides[2] + d * values_strides[3]]);
+    const long row = rows[(e * B + b) * rows_strides[0] + h * rows_strides[1]
+                          + l * rows_strides[2]];
     // The pool is this kernel's input: MLX sees no new array, the buffer stays the pool's.
     P* target = const_cast<P*>(pool);
-    target[(long)rows[idx / D] * D + idx % D] = fresh[idx];
+    target[row * D + d] = static_cast<P>(value);
 """
 
 
@@ -137,7 +154,7 @@ def covers(queries: mx.array, pool: mx.array) -> bool:
 def _kernel():
     return mx.fast.cuda_kernel(
         name="vllm_metal_paged_decode_attention",
-        input_names=["q", "pool", "rows", "offsets", "scale_arr", "sinks"],
+        input_names=["q", "pool", "rows", "offsets", "scale_arr", "sinks", "after"],
         output_names=["out"],
         source=_SOURCE,
         ensure_row_contiguous=False,
@@ -148,16 +165,19 @@ def _kernel():
 def _write_kernel():
     return mx.fast.cuda_kernel(
         name="vllm_metal_paged_kv_write",
-        input_names=["pool", "rows", "fresh"],
+        input_names=["pool", "rows", "keys", "values"],
         output_names=["written"],
         source=_WRITE_SOURCE,
-        ensure_row_contiguous=True,
+        ensure_row_contiguous=False,  # keys and values are views; the pool is never one
     )
 
 
-def write_in_place(pool: mx.array, rows: mx.array, fresh: mx.array) -> mx.array:
-    """Write ``fresh`` [..., D] to the pool rows ``rows`` [...] in the pool's own
-    buffer; returns a zero-valued int32 [1] for the readers to depend on.
+def write_in_place(pool: mx.array, rows: mx.array, keys: mx.array,
+                   values: mx.array | None = None) -> mx.array:
+    """Write ``keys`` and ``values`` [B, H, L, D] to the pool rows ``rows`` [2B, H, L]
+    (keys' rows, then values'; with no ``values``, [B, H, L] for ``keys`` alone) in
+    the pool's own buffer; returns a zero-valued int32 [1] for the readers to
+    depend on. Keys and values are read where they lie: no concatenation.
 
     A scatter (``pool[rows] = fresh``) makes a new pool array, which reuses the
     old buffer only when nothing else holds it: while the step before is still
@@ -166,12 +186,18 @@ def write_in_place(pool: mx.array, rows: mx.array, fresh: mx.array) -> mx.array:
     Steps run in issue order on the stream, so step n+1 writes after step n has
     read. Within a step, MLX sees the write as a reader of the pool: a reader
     must take the returned array as an input (``LayerCache`` adds it to its read
-    rows), or MLX may run it before, or beside, the write."""
+    rows, ``paged_decode_attention`` takes it as ``after``), or MLX may run it
+    before, or beside, the write."""
+    entries = 1 if values is None else 2
+    if pool.ndim != 2 or keys.ndim != 4 \
+            or rows.shape != (entries * keys.shape[0], *keys.shape[1:3]):
+        raise ValueError("write_in_place: a pool [rows, D], keys [B, H, L, D] and "
+                         "rows [entries * B, H, L]")
     threads = 256
-    total = fresh.size
+    total = entries * keys.size
     return _write_kernel()(
-        inputs=[pool, rows, fresh.astype(pool.dtype)],
-        template=[("P", pool.dtype)],
+        inputs=[pool, rows, keys, keys if values is None else values],
+        template=[("P", pool.dtype), ("E", entries)],
         grid=(-(-total // threads) * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(1,)],
@@ -185,17 +211,20 @@ def _constant(value: float, dtype=mx.float32) -> mx.array:
 
 
 def paged_decode_attention(queries, pool, read_rows, offsets, scale: float,
-                           window: int | None = None, sinks: mx.array | None = None):
+                           window: int | None = None, sinks: mx.array | None = None,
+                           after: mx.array | None = None):
     """``queries`` [B, Hq, 1, D]; ``pool`` [rows, D]; ``read_rows`` [2B, Hkv, S] pool rows
     of each key position, then each value position; ``offsets`` [B] int32, the
-    position of each query (its context: ``offsets + 1`` keys) -> [B, Hq, 1, D]."""
+    position of each query (its context: ``offsets + 1`` keys) -> [B, Hq, 1, D].
+    ``after``: an array the kernel runs after (``write_in_place``'s output)."""
     B, heads, _, head_dim = queries.shape
     if pool.ndim != 2 or read_rows.dtype != mx.int32 or offsets.dtype != mx.int32:
         raise ValueError("paged_decode_attention: pool [rows, D], int32 rows and offsets")
     threads = 32 * WARPS
     return _kernel()(
         inputs=[queries, pool, read_rows, offsets, _constant(float(scale)),
-                sinks if sinks is not None else _constant(0.0, pool.dtype)],
+                sinks if sinks is not None else _constant(0.0, pool.dtype),
+                after if after is not None else _constant(0, mx.int32)],
         template=[("P", pool.dtype), ("D", head_dim), ("WINDOW", window or 0),
                   ("SINKS", sinks is not None), ("WARPS", WARPS)],
         grid=(B * heads * threads, 1, 1),
@@ -206,7 +235,8 @@ def paged_decode_attention(queries, pool, read_rows, offsets, scale: float,
 
 
 def reference_decode_attention(queries, pool, read_rows, offsets, scale: float,
-                               window: int | None = None, sinks: mx.array | None = None):
+                               window: int | None = None, sinks: mx.array | None = None,
+                               after: mx.array | None = None):
     """What ``paged_decode_attention`` computes, in MLX's own operations (the
     plain path's gather and mask): the kernel's specification in the tests."""
     keys, values = mx.split(pool[read_rows], 2)

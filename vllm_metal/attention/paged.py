@@ -194,24 +194,29 @@ class LayerCache:
         self.pools = pools
         self.layer = layer
         self.plan = plan
-        self.read_rows = plan.read_rows  # after a write in place: rows that wait for it
+        self.read_rows = plan.read_rows
+        self.written = None  # after a write in place: the array its readers depend on
 
     def _check_pool(self) -> None:
         if self.pools[self.layer] is None:
             raise RuntimeError(f"layer {self.layer} has no KV pool on this rank")
 
-    def _write(self, fresh: mx.array) -> mx.array:
-        """Write this step's keys and values; returns the rows to read them back
-        by. In place where the plan says so (``decode_kernel.write_in_place``: the
-        rows then depend on the write), else by a scatter into a new pool array."""
+    def _write(self, keys: mx.array, values: mx.array | None = None) -> None:
+        """Write this step's keys and values (or, with no ``values``, the rows in
+        ``keys`` alone). In place where the plan says so
+        (``decode_kernel.write_in_place``), else by a scatter into a new pool array."""
         pools, i, plan = self.pools, self.layer, self.plan
         if getattr(plan, "write_in_place", False):
-            written = decode_kernel.write_in_place(pools[i], plan.write_rows, fresh)
-            return plan.read_rows + written  # zero: only an edge from the write
+            self.written = decode_kernel.write_in_place(pools[i], plan.write_rows, keys, values)
+            return
         pool = pools[i]
-        pool[plan.write_rows] = fresh
+        pool[plan.write_rows] = keys if values is None else mx.concatenate([keys, values])
         pools[i] = pool
-        return plan.read_rows
+
+    def _gather(self) -> mx.array:
+        """This layer's context rows, read after this step's write."""
+        rows = self.read_rows if self.written is None else self.read_rows + self.written
+        return self.pools[self.layer][rows]
 
     @property
     def offset(self) -> mx.array:
@@ -220,8 +225,8 @@ class LayerCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """``keys``/``values``: [B, H, L, D] -> the context's [B, H, S, D]."""
         self._check_pool()
-        self.read_rows = self._write(mx.concatenate([keys, values]))
-        keys, values = mx.split(self.pools[self.layer][self.read_rows], 2)  # views, no copies
+        self._write(keys, values)
+        keys, values = mx.split(self._gather(), 2)  # views, no copies
         return keys, values
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
@@ -240,7 +245,7 @@ class LayerCache:
         if not known:
             return None
         return decode_kernel.paged_decode_attention(queries, pool, self.read_rows, plan.offsets,
-                                                    scale, window, sinks)
+                                                    scale, window, sinks, after=self.written)
 
     def is_trimmable(self) -> bool:
         return False
@@ -265,8 +270,8 @@ class LatentLayerCache(LayerCache):
         """``latent`` [B, 1, L, R], ``rope_keys`` [B, 1, L, P] -> the context's
         [B, 1, S, R] and [B, 1, S, P]."""
         self._check_pool()
-        self.read_rows = self._write(mx.concatenate([latent, rope_keys], axis=-1))
-        context = self.pools[self.layer][self.read_rows]
+        self._write(mx.concatenate([latent, rope_keys], axis=-1))
+        context = self._gather()
         return context[..., : self.latent_width], context[..., self.latent_width:]
 
 
