@@ -53,7 +53,12 @@ def graph_ops(out) -> dict:
     return {"total": sum(counts.values()), **dict(counts.most_common())}
 
 
-def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
+def decode_steps(model_dir: str, batch: int, steps: int, context: int = 64) -> tuple[dict, bool]:
+    """One decode step of each kind, as functions returning the step's greedy
+    tokens (unevaluated): ``mlx_lm`` (its dense cache), ``plugin`` (the eager
+    paged graph), ``plugin_compiled`` (the engine's compiled decode step, writing
+    in place where ``VLLM_METAL_KV_WRITE_IN_PLACE`` says so); each may run
+    ``steps`` times, twice. Also returns whether the paged attention kernel runs."""
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
@@ -110,14 +115,19 @@ def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
         logits = graphs.logits(mx.zeros((batch, 1), mx.int32), tables, positions)
         return mx.argmax(logits, axis=-1)
 
-    for step in (mlx_lm_step, plugin_step, compiled_step):
+    return {"mlx_lm": mlx_lm_step, "plugin": plugin_step,
+            "plugin_compiled": compiled_step}, use_kernel
+
+
+def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
+    step_of, use_kernel = decode_steps(model_dir, batch, steps, context)
+    for step in step_of.values():
         timed_steps(step, 3)
-    result = {"batch": batch, "paged_kernel": use_kernel, "ops_mlx_lm": graph_ops(mlx_lm_step()),
-              "ops_plugin": graph_ops(plugin_step()),
-              "ops_plugin_compiled": graph_ops(compiled_step())}
-    for name, step in (("mlx_lm", mlx_lm_step), ("plugin", plugin_step),
-                       ("plugin_compiled", compiled_step), ("mlx_lm_again", mlx_lm_step)):
-        result[name] = timed_steps(step, steps)
+    result = {"batch": batch, "paged_kernel": use_kernel,
+              **{f"ops_{name}": graph_ops(step()) for name, step in step_of.items()}}
+    for key, name in (("mlx_lm", "mlx_lm"), ("plugin", "plugin"),
+                      ("plugin_compiled", "plugin_compiled"), ("mlx_lm_again", "mlx_lm")):
+        result[key] = timed_steps(step_of[name], steps)
     return result
 
 

@@ -83,3 +83,21 @@ def test_small_run_meets_its_time_budget(tmp_path, request):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = assert_outputs(tmp_path, "small")
     assert results["elapsed_s"] < 20 * 60
+
+
+def test_device_profile_runs_both_steps_and_writes_its_table(tiny_model, tmp_path):
+    """On a machine without CUDA the profile records no kernels, says so, and
+    still times both kinds of step; on the GPU machine it lists the kernels."""
+    model = tiny_model("qwen3", num_hidden_layers=2)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.device_profile", model, "--batch", "1",
+                           "--steps", "3", "--out", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = json.loads((tmp_path / "device_profile.json").read_text())
+    for name in ("mlx_lm", "plugin_compiled"):
+        assert result[name]["wall_ms"] > 0
+        assert "kernel_ms" in result[name] or "no device activity" in result[name]["note"]
+    rows = [line for line in (tmp_path / "device_profile.md").read_text().splitlines()
+            if line.startswith("| 1 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["mlx_lm", "plugin_compiled"]
