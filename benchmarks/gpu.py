@@ -41,6 +41,9 @@ VARIANTS = {"default": {}, "sync": {"async_scheduling": False}, "eager": {"enfor
             "no-kernel": {"VLLM_METAL_PAGED_ATTENTION_KERNEL": "0"},
             "no-gemv": {"VLLM_METAL_GEMV_KERNEL": "0"},
             "in-place": {"VLLM_METAL_KV_WRITE_IN_PLACE": "1"},
+            "key-per-lane": {"VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE": "1"},
+            "lane-in-place": {"VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE": "1",
+                              "VLLM_METAL_KV_WRITE_IN_PLACE": "1"},
             # The runner's MLX work on the engine's thread (vLLM's Python and MLX's issue in turn).
             "inline": {"VLLM_METAL_RUNNER_THREAD": "0"},
             # MLX's CUDA graphs of up to 100 kernels (default 20) for the engine only.

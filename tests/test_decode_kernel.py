@@ -79,9 +79,9 @@ def test_routed_decode_gives_the_plain_tokens(arch, overrides, windows, enforce_
         assert set(calls) == windows
 
 
-def random_case(B, heads, kv_heads, head_dim, dtype, block_size=16, seed=0):
+def random_case(B, heads, kv_heads, head_dim, dtype, block_size=16, seed=0, longest=70):
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, 70, size=B)
+    lengths = rng.integers(1, longest, size=B)
     blocks_each = -(-lengths.max() // block_size)
     num_blocks = 1 + B * blocks_each
     pool = mx.array(rng.standard_normal((num_blocks * 2 * kv_heads * block_size, head_dim)),
@@ -100,11 +100,15 @@ def random_case(B, heads, kv_heads, head_dim, dtype, block_size=16, seed=0):
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(16, 8, 128), (32, 8, 128), (8, 8, 64),
                                                        (64, 8, 64)])
 @pytest.mark.parametrize("window, with_sinks", [(None, False), (7, False), (None, True)])
-def test_kernel_matches_the_specification(dtype, heads, kv_heads, head_dim, window, with_sinks):
-    queries, pool, rows, offsets = random_case(5, heads, kv_heads, head_dim, dtype)
+@pytest.mark.parametrize("key_per_lane", [False, True], ids=["key-per-warp", "key-per-lane"])
+def test_kernel_matches_the_specification(dtype, heads, kv_heads, head_dim, window, with_sinks,
+                                          key_per_lane):
+    # Up to 300 keys: several rounds of 32 keys for each of a block's warps.
+    queries, pool, rows, offsets = random_case(5, heads, kv_heads, head_dim, dtype, longest=300)
     sinks = mx.linspace(-1, 2, heads).astype(dtype) if with_sinks else None
     scale = head_dim ** -0.5
-    got = decode_kernel.paged_decode_attention(queries, pool, rows, offsets, scale, window, sinks)
+    got = decode_kernel.paged_decode_attention(queries, pool, rows, offsets, scale, window, sinks,
+                                               key_per_lane=key_per_lane)
     want = decode_kernel.reference_decode_attention(queries, pool, rows, offsets, scale, window,
                                                     sinks)
     tolerance = 1e-5 if dtype == mx.float32 else 2e-2
@@ -121,6 +125,9 @@ def test_kernel_reads_rows_through_their_strides():
     sliced = rows[..., :longest]
     assert longest < rows.shape[-1]
     got = decode_kernel.paged_decode_attention(queries, pool, sliced, offsets, 0.1)
+    assert mx.allclose(got.astype(mx.float32), decode_kernel.paged_decode_attention(
+        queries, pool, sliced, offsets, 0.1, key_per_lane=True).astype(mx.float32),
+        atol=2e-2, rtol=2e-2).item()
     want = decode_kernel.reference_decode_attention(queries, pool, sliced, offsets, 0.1)
     assert mx.allclose(got.astype(mx.float32), want.astype(mx.float32), atol=2e-2,
                        rtol=2e-2).item()

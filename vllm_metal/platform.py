@@ -92,6 +92,7 @@ class MetalPlatform(Platform):
         select_device()
         # Each refuses its kernel forced on (=1) off MLX's CUDA build.
         decode_kernel.available()
+        decode_kernel.key_per_lane()
         decode_kernel.writes_in_place()
         gemv.available()
         logger.info("vllm-metal: Metal/MLX platform selected (MLX device: %s)", describe())

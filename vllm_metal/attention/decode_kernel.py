@@ -46,11 +46,7 @@ _SOURCE = """
     const float scale = scale_arr[0];
     (void)after;  // an input only for its order: it runs after the pool's write
 
-    float qv[PER];
     const long q_base = (long)b * q_strides[0] + (long)h * q_strides[1];
-    for (int i = 0; i < PER; ++i) {
-        qv[i] = static_cast<float>(q[q_base + (long)(lane * PER + i) * q_strides[3]]) * scale;
-    }
     // Read rows through their strides: an eager step's rows are a slice of wider ones.
     const int* key_rows = rows + (long)b * rs0 + (long)kvh * rs1;
     const int* value_rows = rows + (long)(B + b) * rs0 + (long)kvh * rs1;
@@ -59,18 +55,74 @@ _SOURCE = """
     float l = 0.f;
     float acc[PER];
     for (int i = 0; i < PER; ++i) acc[i] = 0.f;
-    for (int j = start + warp; j < len; j += WARPS) {
-        const P* k = pool + (long)key_rows[j * rs2] * D + lane * PER;
-        float s = 0.f;
-        for (int i = 0; i < PER; ++i) s += qv[i] * static_cast<float>(k[i]);
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-        const float m_new = fmaxf(m, s);
-        const float keep = expf(m - m_new);
-        const float p = expf(s - m_new);
-        l = l * keep + p;
-        const P* v = pool + (long)value_rows[j * rs2] * D + lane * PER;
-        for (int i = 0; i < PER; ++i) acc[i] = acc[i] * keep + p * static_cast<float>(v[i]);
-        m = m_new;
+    if (KEY_PER_LANE) {
+        // 32 keys at a time per warp: each lane scores one key with the whole query
+        // (independent loads, many in flight), then the warp adds the 32 value rows,
+        // each lane its PER dimensions.
+        constexpr int VEC = 16 / sizeof(P);
+        __shared__ float q_all[D];
+        for (int i = threadIdx.x; i < D; i += blockDim.x) {
+            q_all[i] = static_cast<float>(q[q_base + (long)i * q_strides[3]]) * scale;
+        }
+        __syncthreads();
+        for (int base = start + warp * 32; base < len; base += WARPS * 32) {
+            const int j = base + lane;
+            const bool valid = j < len;
+            float s = neg_inf;
+            int value_row = 0;
+            if (valid) {
+                const uint4* k = reinterpret_cast<const uint4*>(pool + (long)key_rows[j * rs2] * D);
+                value_row = value_rows[j * rs2];
+                float dot = 0.f;
+                #pragma unroll
+                for (int c = 0; c < D / VEC; ++c) {
+                    const uint4 packed = k[c];
+                    const P* kv = reinterpret_cast<const P*>(&packed);
+                    #pragma unroll
+                    for (int t = 0; t < VEC; ++t) dot += q_all[c * VEC + t] * static_cast<float>(kv[t]);
+                }
+                s = dot;
+            }
+            float chunk_max = s;
+            for (int o = 16; o > 0; o >>= 1) {
+                chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffff, chunk_max, o));
+            }
+            const float m_new = fmaxf(m, chunk_max);  // lane 0's key is always valid
+            const float keep = expf(m - m_new);
+            const float p = valid ? expf(s - m_new) : 0.f;
+            float p_sum = p;
+            for (int o = 16; o > 0; o >>= 1) p_sum += __shfl_xor_sync(0xffffffff, p_sum, o);
+            l = l * keep + p_sum;
+            for (int i = 0; i < PER; ++i) acc[i] *= keep;
+            const int count = min(32, len - base);
+            #pragma unroll 8
+            for (int t = 0; t < count; ++t) {
+                const float p_t = __shfl_sync(0xffffffff, p, t);
+                const int row_t = __shfl_sync(0xffffffff, value_row, t);
+                const P* v = pool + (long)row_t * D + lane * PER;
+                for (int i = 0; i < PER; ++i) acc[i] += p_t * static_cast<float>(v[i]);
+            }
+            m = m_new;
+        }
+    } else {
+        // One key at a time per warp, each lane its PER dimensions of it.
+        float qv[PER];
+        for (int i = 0; i < PER; ++i) {
+            qv[i] = static_cast<float>(q[q_base + (long)(lane * PER + i) * q_strides[3]]) * scale;
+        }
+        for (int j = start + warp; j < len; j += WARPS) {
+            const P* k = pool + (long)key_rows[j * rs2] * D + lane * PER;
+            float s = 0.f;
+            for (int i = 0; i < PER; ++i) s += qv[i] * static_cast<float>(k[i]);
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+            const float m_new = fmaxf(m, s);
+            const float keep = expf(m - m_new);
+            const float p = expf(s - m_new);
+            l = l * keep + p;
+            const P* v = pool + (long)value_rows[j * rs2] * D + lane * PER;
+            for (int i = 0; i < PER; ++i) acc[i] = acc[i] * keep + p * static_cast<float>(v[i]);
+            m = m_new;
+        }
     }
 
     __shared__ float warp_max[WARPS];
@@ -139,6 +191,18 @@ def writes_in_place() -> bool:
 
 def available() -> bool:
     return cuda_feature("VLLM_METAL_PAGED_ATTENTION_KERNEL", envs.VLLM_METAL_PAGED_ATTENTION_KERNEL)
+
+
+def key_per_lane() -> bool:
+    """Whether the kernel scores a key per lane (``paged_decode_attention``); set to
+    1 where the kernel does not run, startup stops."""
+    on = cuda_feature("VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE",
+                      "1" if envs.VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE else "0")
+    if on and not available():
+        raise RuntimeError("VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE=1 shapes the paged attention "
+                           "kernel, which VLLM_METAL_PAGED_ATTENTION_KERNEL=0 turns off: unset "
+                           "one of them")
+    return on
 
 
 def covers(queries: mx.array, pool: mx.array) -> bool:
@@ -212,21 +276,27 @@ def _constant(value: float, dtype=mx.float32) -> mx.array:
 
 def paged_decode_attention(queries, pool, read_rows, offsets, scale: float,
                            window: int | None = None, sinks: mx.array | None = None,
-                           after: mx.array | None = None):
+                           after: mx.array | None = None, key_per_lane: bool | None = None):
     """``queries`` [B, Hq, 1, D]; ``pool`` [rows, D]; ``read_rows`` [2B, Hkv, S] pool rows
     of each key position, then each value position; ``offsets`` [B] int32, the
     position of each query (its context: ``offsets + 1`` keys) -> [B, Hq, 1, D].
-    ``after``: an array the kernel runs after (``write_in_place``'s output)."""
+    ``after``: an array the kernel runs after (``write_in_place``'s output).
+    ``key_per_lane``: each lane scores its own key, 32 at a time per warp
+    (``VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE`` by default), instead of each warp
+    one key at a time."""
     B, heads, _, head_dim = queries.shape
     if pool.ndim != 2 or read_rows.dtype != mx.int32 or offsets.dtype != mx.int32:
         raise ValueError("paged_decode_attention: pool [rows, D], int32 rows and offsets")
+    if key_per_lane is None:
+        key_per_lane = envs.VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE
     threads = 32 * WARPS
     return _kernel()(
         inputs=[queries, pool, read_rows, offsets, _constant(float(scale)),
                 sinks if sinks is not None else _constant(0.0, pool.dtype),
                 after if after is not None else _constant(0, mx.int32)],
         template=[("P", pool.dtype), ("D", head_dim), ("WINDOW", window or 0),
-                  ("SINKS", sinks is not None), ("WARPS", WARPS)],
+                  ("SINKS", sinks is not None), ("WARPS", WARPS),
+                  ("KEY_PER_LANE", bool(key_per_lane))],
         grid=(B * heads * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, heads, 1, head_dim)],
