@@ -1,11 +1,15 @@
 """Per-step overhead of the plugin at batch 1, from its VLLM_METAL_DEBUG=1 log.
 
-The model runner logs, per step, ``prepare``, ``forward issue`` (building the
-MLX graph; on the CPU device MLX also starts computing here), ``forward wait``
-(until the logits are ready) and ``sample`` times. The step period is the
-client-side inter-token latency of the same run. So:
+The model runner logs, per step, ``prepare``, ``build`` (building the MLX
+graph), ``forward issue`` (handing it to MLX; on the CPU device MLX also starts
+computing here), then either ``forward wait`` and ``sample`` (a synchronous
+step) or ``wait last`` (with asynchronous scheduling: waiting for the step
+before, whose tokens this one needs). The step period is the client-side
+inter-token latency of the same run. So, over one-token decode steps:
 
-    forward  = median(forward issue + forward wait)   over one-token decode steps
+    issue    = median(build + forward issue)
+    wait     = median(forward wait + wait last)
+    forward  = median(build + forward issue + forward wait + wait last)
     overhead = 1 - forward / median inter-token latency
 
 covers everything outside the MLX forward: input preparation, sampling,
@@ -17,18 +21,25 @@ import statistics
 from pathlib import Path
 
 STEP_LINE = re.compile(
-    r"step: (?P<reqs>\d+) reqs, (?P<tokens>\d+) tokens \| prepare (?P<prepare>[\d.]+) ms, "
-    r"forward issue (?P<issue>[\d.]+) ms, forward wait (?P<wait>[\d.]+) ms, "
-    r"sample (?P<sample>[\d.]+) ms"
-)
+    r"step(?: \((?:sync|async)\))?: (?P<reqs>\d+) reqs, (?P<tokens>\d+) tokens \| (?P<parts>[^\n]*)")
+PART = re.compile(r"(?P<name>[a-z][a-z ]*?) (?P<ms>[\d.]+) ms")
 
 
 def decode_steps(log_text: str) -> list[dict[str, float]]:
-    """The one-request, one-token steps in a debug log, as floats (ms)."""
+    """The one-request, one-token steps in a debug log: each part's ms (0 where
+    the line has none), with ``issue`` = build + forward issue and ``wait`` =
+    forward wait + wait last."""
     steps = []
     for match in STEP_LINE.finditer(log_text):
-        if match["reqs"] == "1" and match["tokens"] == "1":
-            steps.append({k: float(match[k]) for k in ("prepare", "issue", "wait", "sample")})
+        if match["reqs"] != "1" or match["tokens"] != "1":
+            continue
+        parts = {m["name"]: float(m["ms"]) for m in PART.finditer(match["parts"])}
+        steps.append({
+            "prepare": parts.get("prepare", 0.0),
+            "issue": parts.get("build", 0.0) + parts.get("forward issue", 0.0),
+            "wait": parts.get("forward wait", 0.0) + parts.get("wait last", 0.0),
+            "sample": parts.get("sample", 0.0),
+        })
     return steps
 
 

@@ -83,7 +83,9 @@ def overhead_section(results: dict) -> list[str]:
     body = [[r["dtype"], fmt(s["step_ms"], 1), fmt(s["forward_issue_ms"], 1), fmt(s["forward_wait_ms"], 1),
              fmt(s["prepare_ms"], 2), fmt(s["sample_ms"], 2), fmt(s["outside_runner_ms"], 1),
              f"{100 * s['overhead_share']:.1f}%"] for r in rows for s in [r["step"]]]
-    note = ("From VLLM_METAL_DEBUG=1 step lines (medians over the decode steps); overhead share = "
+    note = ("From VLLM_METAL_DEBUG=1 step lines (medians over the decode steps); forward issue = "
+            "graph building + MLX's issue; forward wait = the wait for this step's logits, or with "
+            "asynchronous scheduling for the step before; overhead share = "
             "1 - (forward issue + forward wait) / step.")
     return ["## Per-step overhead of vllm-metal at batch 1", "", note, ""] + table(header, body)
 

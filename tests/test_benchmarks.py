@@ -101,3 +101,29 @@ def test_device_profile_runs_both_steps_and_writes_its_table(tiny_model, tmp_pat
     rows = [line for line in (tmp_path / "device_profile.md").read_text().splitlines()
             if line.startswith("| 1 |")]
     assert [row.split("|")[2].strip() for row in rows] == ["mlx_lm", "plugin_compiled"]
+
+
+STEP_LOG_SCRIPT = """
+import sys
+from vllm import LLM, SamplingParams
+llm = LLM(sys.argv[1], dtype="float32", max_model_len=256, kv_cache_memory_bytes=1 << 24,
+          async_scheduling=sys.argv[2] == "async")
+llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+             SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+"""
+
+
+@pytest.mark.parametrize("scheduling", ["async", "sync"])
+def test_overhead_reads_the_runners_step_lines(tiny_model, scheduling):
+    """The suite's per-step overhead parses what the runner logs under
+    VLLM_METAL_DEBUG=1, in both the asynchronous and the synchronous step's form."""
+    from benchmarks import overhead
+
+    env = dict(os.environ, VLLM_METAL_DEBUG="1", PYTHONUNBUFFERED="1")
+    done = subprocess.run([sys.executable, "-c", STEP_LOG_SCRIPT, tiny_model("qwen3"), scheduling],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = overhead.decode_steps(done.stdout + done.stderr)
+    assert len(steps) >= 5, done.stderr[-2000:]
+    assert all(step["issue"] > 0 for step in steps)
+    assert any(step["sample"] > 0 for step in steps) == (scheduling == "sync")
