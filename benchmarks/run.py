@@ -20,6 +20,7 @@ from pathlib import Path
 
 from benchmarks import bandwidth, models, offline, report, serving, targets
 from benchmarks.engines import OFFLINE_ENGINES, VLLM_CPU, cpu_backend_problem
+from benchmarks.procs import REPO
 from benchmarks.scales import QUANTIZED, SCALES, single_run
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     log("measuring memory bandwidth")
     results = {
         "scale": asdict(scale),
-        "command": shlex.join([Path(sys.executable).name, "-m", "benchmarks.run", *(argv or sys.argv[1:])]),
+        "command": recorded_command(argv or sys.argv[1:]),
         "machine": machine(),
         "bandwidth": bandwidth.measure(scale.bandwidth_buffer_bytes),
         "models": {k: str(v) for k, v in model_dirs.items()},
@@ -116,9 +117,30 @@ def main(argv=None) -> int:
     return 0
 
 
+def portable(text: str, out: Path) -> str:
+    """Paths in the results as their readers find them: relative to the results
+    folder, or to the project, not this machine's absolute ones."""
+    for root in (out.resolve(), REPO):
+        text = text.replace(f"{root}/", "")
+    return text
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command line, without ``--out DIR`` (the results' own folder)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg == "--out":
+            skip = not skip
+            continue
+        if not arg.startswith("--out="):
+            kept.append(arg)
+    return shlex.join([Path(sys.executable).name, "-m", "benchmarks.run", *kept])
+
+
 def write_outputs(results, scale, verdicts, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{scale.name}.json").write_text(json.dumps(results, indent=1, default=str))
+    results = json.loads(portable(json.dumps(results, default=str), out))
+    (out / f"{scale.name}.json").write_text(json.dumps(results, indent=1))
     (out / f"{scale.name}.md").write_text(report.markdown(results, scale, verdicts))
     report.plot(results, scale, out / f"{scale.name}-throughput.png")
 

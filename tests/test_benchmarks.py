@@ -36,7 +36,9 @@ def is_number(cell: str) -> bool:
 
 def assert_outputs(out: Path, scale: str) -> dict:
     markdown = (out / f"{scale}.md").read_text()
-    results = json.loads((out / f"{scale}.json").read_text())
+    text = (out / f"{scale}.json").read_text()
+    assert str(REPO) not in text and str(out) not in text, "absolute paths in the results"
+    results = json.loads(text)
     png = (out / f"{scale}-throughput.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 5000
 
