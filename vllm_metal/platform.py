@@ -243,8 +243,8 @@ def refuse_unsupported(vllm_config) -> None:
 def in_place_write_problems(vllm_config) -> list[str]:
     """VLLM_METAL_KV_WRITE_IN_PLACE=1 acts on compiled decode steps only, which
     the engine runs with one rank, no LoRA and no --enforce-eager."""
-    if not envs.VLLM_METAL_KV_WRITE_IN_PLACE:
-        return []
+    if envs.VLLM_METAL_KV_WRITE_IN_PLACE != "1":
+        return []  # auto: in place wherever compiled decode steps run
     model = vllm_config.model_config
     off_by = [name for name, on in (
         ("--enforce-eager", model is not None and model.enforce_eager),

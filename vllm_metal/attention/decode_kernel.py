@@ -185,8 +185,7 @@ _WRITE_SOURCE = """
 
 def writes_in_place() -> bool:
     """Whether compiled decode steps write the pools in place (``write_in_place``)."""
-    return cuda_feature("VLLM_METAL_KV_WRITE_IN_PLACE",
-                        "1" if envs.VLLM_METAL_KV_WRITE_IN_PLACE else "0")
+    return cuda_feature("VLLM_METAL_KV_WRITE_IN_PLACE", envs.VLLM_METAL_KV_WRITE_IN_PLACE)
 
 
 def available() -> bool:
