@@ -137,6 +137,8 @@ def recorded_calls(monkeypatch) -> list[dict]:
         for rows in range(1, gemv.MAX_ROWS + 1):
             for bias in (None, mx.zeros((24,), dtype)):
                 gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, bias)
+            gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, None,
+                                    (mx.zeros((256,), dtype), 1e-6), mx.zeros((rows, 1, 24), dtype))
     for cached in (decode_kernel._kernel, decode_kernel._write_kernel, gemv._kernel):
         cached.cache_clear()  # the recorder must not outlive the test
     return recorder.calls

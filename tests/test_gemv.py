@@ -104,3 +104,40 @@ def test_kernel_matches_the_matmul(dtype, rows, out_features, width, with_bias):
     assert got.shape == (rows, 1, out_features) and got.dtype == dtype
     tolerance = 1e-4 if dtype == mx.float32 else 3e-2
     assert mx.allclose(got.astype(mx.float32), want, atol=tolerance, rtol=tolerance).item()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("with_norm, with_residual", [(True, False), (False, True), (True, True)])
+def test_kernel_with_a_norm_and_a_residual_matches_its_reference(dtype, rows, with_norm,
+                                                                with_residual):
+    rng = np.random.default_rng(rows)
+    width, out_features = 1024, 1030
+    x = mx.array(rng.standard_normal((rows, 1, width)), dtype=dtype)
+    weight = mx.array(rng.standard_normal((out_features, width)) / 32, dtype=dtype)
+    norm = (mx.array(1 + rng.standard_normal(width) / 4, dtype=dtype), 1e-5) if with_norm else None
+    residual = (mx.array(rng.standard_normal((rows, 1, out_features)), dtype=dtype)
+                if with_residual else None)
+    got = gemv.small_batch_linear(x, weight, None, norm, residual)
+    with mx.stream(mx.cpu):
+        as32 = (lambda a: None if a is None else a.astype(mx.float32))  # noqa: E731
+        want = gemv.reference_linear(as32(x), as32(weight), None,
+                                     None if norm is None else (as32(norm[0]), norm[1]),
+                                     as32(residual))
+        mx.eval(want)
+    tolerance = 1e-4 if dtype == mx.float32 else 3e-2
+    assert mx.allclose(got.astype(mx.float32), want, atol=tolerance, rtol=tolerance).item()
+
+
+def test_reference_linear_is_the_plain_layers():
+    """The reference the kernel is held to: MLX's RMS norm, then the product,
+    then the residual."""
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((2, 1, 64)), dtype=mx.float32)
+    layer = nn.Linear(64, 24, bias=True)
+    norm = nn.RMSNorm(64, eps=1e-6)
+    norm.weight = mx.array(rng.standard_normal(64), dtype=mx.float32)
+    residual = mx.array(rng.standard_normal((2, 1, 24)), dtype=mx.float32)
+    got = gemv.reference_linear(x, layer.weight, layer.bias, (norm.weight, norm.eps), residual)
+    assert mx.allclose(got, residual + layer(norm(x)), atol=1e-5).item()

@@ -38,8 +38,11 @@ _SOURCE = """
     if (first >= N) return;
 
     float acc[R][M];
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    float squares[M];  // NORM: each row's sum of squares, this lane's share
+    for (int m = 0; m < M; ++m) {
+        squares[m] = 0.f;
+        for (int r = 0; r < R; ++r) acc[r][m] = 0.f;
+    }
     #pragma unroll 2
     for (int k = lane * VEC; k < K; k += 32 * VEC) {
         float wf[R][VEC];
@@ -49,21 +52,42 @@ _SOURCE = """
             const T* wv = reinterpret_cast<const T*>(&packed);
             for (int i = 0; i < VEC; ++i) wf[r][i] = static_cast<float>(wv[i]);
         }
+        float gf[VEC];
+        if (NORM) {
+            const uint4 packed = *reinterpret_cast<const uint4*>(norm_weight + k);
+            const T* gv = reinterpret_cast<const T*>(&packed);
+            for (int i = 0; i < VEC; ++i) gf[i] = static_cast<float>(gv[i]);
+        }
         for (int m = 0; m < M; ++m) {
             const uint4 packed = *reinterpret_cast<const uint4*>(x + (long)m * K + k);
             const T* xv = reinterpret_cast<const T*>(&packed);
             float xf[VEC];
             for (int i = 0; i < VEC; ++i) xf[i] = static_cast<float>(xv[i]);
+            if (NORM) {
+                for (int i = 0; i < VEC; ++i) {
+                    squares[m] += xf[i] * xf[i];
+                    xf[i] *= gf[i];
+                }
+            }
             for (int r = 0; r < R; ++r)
                 for (int i = 0; i < VEC; ++i) acc[r][m] += wf[r][i] * xf[i];
         }
     }
-    for (int r = 0; r < R; ++r) {
-        for (int m = 0; m < M; ++m) {
+    for (int m = 0; m < M; ++m) {
+        float scale = 1.f;
+        if (NORM) {
+            // RMS norm of the row: x * rsqrt(mean(x^2) + eps) * weight, the weight taken above.
+            float total = squares[m];
+            for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffff, total, o);
+            scale = rsqrtf(total / K + eps[0]);
+        }
+        for (int r = 0; r < R; ++r) {
             float s = acc[r][m];
             for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
             if (lane == 0 && first + r < N) {
+                s *= scale;
                 if (BIAS) s += static_cast<float>(bias[first + r]);
+                if (RESIDUAL) s += static_cast<float>(residual[(long)m * N + first + r]);
                 out[(long)m * N + first + r] = static_cast<T>(s);
             }
         }
@@ -89,7 +113,7 @@ def covers(x: mx.array, weight: mx.array) -> bool:
 def _kernel():
     return mx.fast.cuda_kernel(
         name="vllm_metal_small_batch_linear",
-        input_names=["x", "w", "bias"],
+        input_names=["x", "w", "bias", "norm_weight", "eps", "residual"],
         output_names=["out"],
         source=_SOURCE,
         ensure_row_contiguous=True,
@@ -97,8 +121,13 @@ def _kernel():
 
 
 @functools.cache
-def _no_bias(dtype) -> mx.array:
-    return mx.zeros((1,), dtype=dtype)
+def _unused(dtype) -> mx.array:
+    return mx.zeros((8,), dtype=dtype)  # a 16-byte load's worth of an input not used
+
+
+@functools.cache
+def _eps(value: float) -> mx.array:
+    return mx.array([value], dtype=mx.float32)
 
 
 def _rows_per_warp(rows: int) -> int:
@@ -110,25 +139,46 @@ def _rows_per_warp(rows: int) -> int:
     return 1 if rows == 1 else 2 if rows == 2 else 4
 
 
-def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
+                       norm: tuple[mx.array, float] | None = None,
+                       residual: mx.array | None = None) -> mx.array:
     """``x @ weight.T + bias`` for ``x`` [..., K] of at most ``MAX_ROWS`` rows and
-    ``weight`` [N, K] (``covers``)."""
+    ``weight`` [N, K] (``covers``). ``norm``: (weight [K], eps) of an RMS norm
+    applied to ``x`` first; ``residual`` [..., N]: added to the result."""
     out_features, width = weight.shape
     rows = x.size // width
     threads = 32 * WARPS
     per_warp = _rows_per_warp(rows)
     blocks = -(-out_features // (WARPS * per_warp))
+    unused = _unused(x.dtype)
     # The kernel reads ``x`` as rows of ``width`` and writes rows of ``out_features``,
     # whatever the leading axes: no reshapes (each a primitive the host issues).
     return _kernel()(
-        inputs=[x, weight, bias if bias is not None else _no_bias(x.dtype)],
+        inputs=[x, weight, bias if bias is not None else unused,
+                norm[0] if norm is not None else unused,
+                _eps(norm[1] if norm is not None else 0.0),
+                residual if residual is not None else unused],
         template=[("T", weight.dtype), ("M", rows), ("R", per_warp), ("BIAS", bias is not None),
+                  ("NORM", norm is not None), ("RESIDUAL", residual is not None),
                   ("WARPS", WARPS)],
         grid=(blocks * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(*x.shape[:-1], out_features)],
         output_dtypes=[x.dtype],
     )[0]
+
+
+def reference_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
+                     norm: tuple[mx.array, float] | None = None,
+                     residual: mx.array | None = None) -> mx.array:
+    """What ``small_batch_linear`` computes, in MLX's own operations (its
+    specification in the tests, and the way for calls it does not cover)."""
+    if norm is not None:
+        x = mx.fast.rms_norm(x, norm[0], norm[1])
+    out = x @ weight.T
+    if bias is not None:
+        out = out + bias
+    return out if residual is None else residual + out
 
 
 class SmallBatchLinear(nn.Linear):
