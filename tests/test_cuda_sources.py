@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from vllm_metal.attention import decode_kernel
+from vllm_metal.attention import decode_kernel, fused_decode
 from vllm_metal.models import gemv
 
 CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half",
@@ -117,7 +117,9 @@ def compile_log(source: str, arch: str) -> tuple[int, str]:
 def recorded_calls(monkeypatch) -> list[dict]:
     recorder = Recorder()
     monkeypatch.setattr(mx.fast, "cuda_kernel", recorder, raising=False)
-    for cached in (decode_kernel._kernel, decode_kernel._write_kernel, gemv._kernel):
+    kernels = (decode_kernel._kernel, decode_kernel._write_kernel, gemv._kernel,
+               fused_decode._kernel)
+    for cached in kernels:
         cached.cache_clear()
     for dtype in (mx.bfloat16, mx.float16, mx.float32):
         for head_dim in (64, 128, 256):
@@ -139,7 +141,16 @@ def recorded_calls(monkeypatch) -> list[dict]:
                 gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, bias)
             gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, None,
                                     (mx.zeros((256,), dtype), 1e-6), mx.zeros((rows, 1, 24), dtype))
-    for cached in (decode_kernel._kernel, decode_kernel._write_kernel, gemv._kernel):
+        for head_dim, heads, kv_heads in ((128, 16, 8), (64, 4, 4)):
+            qkv = mx.zeros((2, 1, (heads + 2 * kv_heads) * head_dim), dtype)
+            norm = mx.zeros((head_dim,), dtype)
+            for q_norm, traditional, write in ((norm, False, True), (None, True, False)):
+                fused_decode.fused_decode_attention(
+                    qkv, mx.zeros((64, head_dim), dtype), mx.zeros((2,), mx.int32),
+                    mx.zeros((4, kv_heads, 1), mx.int32), mx.zeros((4, kv_heads, 32), mx.int32),
+                    heads, kv_heads, 0.1, mx.zeros((head_dim // 2,), mx.float32), traditional,
+                    q_norm, q_norm, 1e-6, write)
+    for cached in kernels:
         cached.cache_clear()  # the recorder must not outlive the test
     return recorder.calls
 
@@ -160,7 +171,7 @@ def test_every_kernel_source_compiles(monkeypatch, arch):
     calls = distinct(recorded_calls(monkeypatch))
     names = {call["name"] for call in calls}
     assert names == {"vllm_metal_paged_decode_attention", "vllm_metal_paged_kv_write",
-                     "vllm_metal_small_batch_linear"}, names
+                     "vllm_metal_small_batch_linear", "vllm_metal_fused_decode_attention"}, names
     failures = []
     for call in calls:
         status, log = compile_log(wrapped(call), arch)
