@@ -42,6 +42,7 @@ VARIANTS = {"default": {}, "sync": {"async_scheduling": False}, "eager": {"enfor
             "no-gemv": {"VLLM_METAL_GEMV_KERNEL": "0"},
             "in-place": {"VLLM_METAL_KV_WRITE_IN_PLACE": "1"},
             "key-per-lane": {"VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE": "1"},
+            "fused-block": {"VLLM_METAL_FUSED_DECODE_BLOCK": "1", "VLLM_METAL_KV_WRITE_IN_PLACE": "1"},
             "lane-in-place": {"VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE": "1",
                               "VLLM_METAL_KV_WRITE_IN_PLACE": "1"},
             # The runner's MLX work on the engine's thread (vLLM's Python and MLX's issue in turn).

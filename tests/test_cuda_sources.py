@@ -21,7 +21,7 @@ import mlx.core as mx
 import pytest
 
 from vllm_metal.attention import decode_kernel, fused_decode
-from vllm_metal.models import gemv
+from vllm_metal.models import decode_block, gemv
 
 CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half",
               mx.int32: "int32_t"}
@@ -118,7 +118,7 @@ def recorded_calls(monkeypatch) -> list[dict]:
     recorder = Recorder()
     monkeypatch.setattr(mx.fast, "cuda_kernel", recorder, raising=False)
     kernels = (decode_kernel._kernel, decode_kernel._write_kernel, gemv._kernel,
-               fused_decode._kernel)
+               fused_decode._kernel, decode_block._swiglu_kernel)
     for cached in kernels:
         cached.cache_clear()
     for dtype in (mx.bfloat16, mx.float16, mx.float32):
@@ -150,6 +150,7 @@ def recorded_calls(monkeypatch) -> list[dict]:
                     mx.zeros((4, kv_heads, 1), mx.int32), mx.zeros((4, kv_heads, 32), mx.int32),
                     heads, kv_heads, 0.1, mx.zeros((head_dim // 2,), mx.float32), traditional,
                     q_norm, q_norm, 1e-6, write)
+        decode_block.swiglu(mx.zeros((3, 1, 2 * 96), dtype))
     for cached in kernels:
         cached.cache_clear()  # the recorder must not outlive the test
     return recorder.calls
@@ -171,7 +172,8 @@ def test_every_kernel_source_compiles(monkeypatch, arch):
     calls = distinct(recorded_calls(monkeypatch))
     names = {call["name"] for call in calls}
     assert names == {"vllm_metal_paged_decode_attention", "vllm_metal_paged_kv_write",
-                     "vllm_metal_small_batch_linear", "vllm_metal_fused_decode_attention"}, names
+                     "vllm_metal_small_batch_linear", "vllm_metal_fused_decode_attention",
+                     "vllm_metal_swiglu"}, names
     failures = []
     for call in calls:
         status, log = compile_log(wrapped(call), arch)

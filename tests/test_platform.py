@@ -68,7 +68,8 @@ def test_bad_setting_stops_engine_startup(tiny_model, monkeypatch):
 @pytest.mark.skipif(on_cuda(), reason="the kernels run on CUDA")
 @pytest.mark.parametrize("setting", ["VLLM_METAL_PAGED_ATTENTION_KERNEL", "VLLM_METAL_GEMV_KERNEL",
                                      "VLLM_METAL_KV_WRITE_IN_PLACE",
-                                     "VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE"])
+                                     "VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE",
+                                     "VLLM_METAL_FUSED_DECODE_BLOCK"])
 def test_forcing_a_cuda_kernel_elsewhere_is_refused(tiny_model, monkeypatch, setting):
     monkeypatch.setenv(setting, "1")
     with pytest.raises(RuntimeError, match=f"{setting}=1 needs MLX's CUDA"):

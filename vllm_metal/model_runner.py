@@ -153,8 +153,25 @@ class MetalModelRunner:
         if self.paged_kernel:
             logger.info("Decode attention: one kernel per layer reading the paged KV cache "
                         "(VLLM_METAL_PAGED_ATTENTION_KERNEL=0: MLX's attention on the gathered context)")
+        self._route_decode_blocks()
         if any(windows):
             logger.info("Sliding windows per layer: %s", windows)
+
+    def _route_decode_blocks(self) -> None:
+        """Decoder layers whose compiled decode step runs in six kernels (one rank,
+        no LoRA); VLLM_METAL_FUSED_DECODE_BLOCK=1 with none covered stops startup."""
+        from vllm_metal.models import decode_block
+
+        alone = self.parallel is None and self.adapters is None
+        fused = decode_block.route_blocks(self.model.model) if alone else 0
+        if fused:
+            logger.info("Decode steps: %d decoder layers in six kernels each "
+                        "(VLLM_METAL_FUSED_DECODE_BLOCK=0: mlx-lm's layers)", fused)
+        elif envs.VLLM_METAL_FUSED_DECODE_BLOCK == "1":
+            raise RuntimeError(
+                "VLLM_METAL_FUSED_DECODE_BLOCK=1, but no decoder layer of this model is covered "
+                "(Llama, Mistral, Qwen2 or Qwen3 layers, unquantized, projections fused, one rank, "
+                "no LoRA): unset VLLM_METAL_FUSED_DECODE_BLOCK")
 
     def _prepare(self, model) -> None:
         """Before the weights are read: this rank's part of the model, then its

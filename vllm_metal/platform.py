@@ -87,12 +87,13 @@ class MetalPlatform(Platform):
         envs.validate_all()
         refuse_unsupported(vllm_config)
         from vllm_metal.attention import decode_kernel  # imports MLX: after the BLAS preload
-        from vllm_metal.models import gemv
+        from vllm_metal.models import decode_block, gemv
 
         select_device()
         # Each refuses its kernel forced on (=1) off MLX's CUDA build.
         decode_kernel.available()
         decode_kernel.key_per_lane()
+        decode_block.available()
         decode_kernel.writes_in_place()
         gemv.available()
         logger.info("vllm-metal: Metal/MLX platform selected (MLX device: %s)", describe())

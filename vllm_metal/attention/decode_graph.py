@@ -103,7 +103,7 @@ class DecodeGraphs:
 
     def _forward(self, tokens, offsets, write_rows, read_blocks, masks, pools):
         pools = list(pools)
-        plan = _StepPlan(offsets, write_rows, position_rows(read_blocks, self.kv.block_size),
+        plan = StepPlan(offsets, write_rows, position_rows(read_blocks, self.kv.block_size),
                          dict(zip(self.windows, masks)), self.use_kernel, self.writes_in_place)
         hidden = self.model.hidden_states(tokens, [self.kv.layer_cache(pools, i, plan)
                                                    for i in range(len(pools))])
@@ -113,7 +113,7 @@ class DecodeGraphs:
 
 
 @dataclass
-class _StepPlan:
+class StepPlan:
     """``BatchPlan``'s part that ``LayerCache`` reads, inside the traced decode step."""
 
     offsets: mx.array
