@@ -57,7 +57,8 @@ def decode_steps(model_dir: str, batch: int, steps: int, context: int = 64) -> t
     """One decode step of each kind, as functions returning the step's greedy
     tokens (unevaluated): ``mlx_lm`` (its dense cache), ``plugin`` (the eager
     paged graph), ``plugin_compiled`` (the engine's compiled decode step, writing
-    in place where ``VLLM_METAL_KV_WRITE_IN_PLACE`` says so); each may run
+    in place where ``VLLM_METAL_KV_WRITE_IN_PLACE`` says so, its layers fused where
+    ``VLLM_METAL_FUSED_DECODE_BLOCK`` says so); each may run
     ``steps`` times, twice. Also returns whether the paged attention kernel runs."""
     import mlx.core as mx
     from mlx_lm import load
@@ -68,6 +69,7 @@ def decode_steps(model_dir: str, batch: int, steps: int, context: int = 64) -> t
     from vllm_metal.attention.paged import BatchPlan, PagedKVCache
     from vllm_metal.models.adapter import CausalLM
     from vllm_metal.models.fusion import fuse_projections
+    from vllm_metal.models.decode_block import route_blocks
     from vllm_metal.models.gemv import route_linears
 
     model, _ = load(model_dir)
@@ -75,6 +77,7 @@ def decode_steps(model_dir: str, batch: int, steps: int, context: int = 64) -> t
     fuse_projections(plugin_model)
     use_kernel = route_attention(plugin_model)
     route_linears(plugin_model)
+    route_blocks(plugin_model)  # where VLLM_METAL_FUSED_DECODE_BLOCK says so
     args = model.args
     kv_heads = args.num_key_value_heads
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
