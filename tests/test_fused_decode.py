@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models import qwen3
+from test_decode_kernel import random_case
 
 from vllm_metal.attention import fused_decode
 from vllm_metal.device import on_cuda
@@ -17,22 +18,16 @@ from vllm_metal.device import on_cuda
 ON_CUDA = on_cuda()
 
 
-def case(batch, heads, kv_heads, head_dim, dtype, seed=0, block_size=16):
+def case(batch, heads, kv_heads, head_dim, dtype, seed=0):
+    """A pool and its rows as the decode kernel's tests make them, each request's
+    position (its last), the rows it writes there, and a q/k/v projection output."""
+    _, pool, read, positions = random_case(batch, heads, kv_heads, head_dim, dtype, seed=seed,
+                                           longest=150)
+    own = np.concatenate([np.array(positions)] * 2)
+    write = np.array(read)[np.arange(2 * batch), :, own][:, :, None]
     rng = np.random.default_rng(seed)
-    positions = rng.integers(0, 150, size=batch)
-    blocks_each = -(-(positions.max() + 1) // block_size)
-    num_blocks = 1 + batch * blocks_each
-    pool = mx.array(rng.standard_normal((num_blocks * 2 * kv_heads * block_size, head_dim)),
-                    dtype=dtype)
-    tables = 1 + rng.permutation(batch * blocks_each).reshape(batch, blocks_each)
-    first = (tables[:, None, :] * 2 * kv_heads + np.arange(kv_heads)[None, :, None]) * block_size
-    first = np.concatenate([first, first + kv_heads * block_size])
-    read = (first[..., None] + np.arange(block_size)).reshape(2 * batch, kv_heads, -1)
-    own = np.concatenate([positions, positions])
-    write = read[np.arange(2 * batch), :, own][:, :, None]
     qkv = mx.array(rng.standard_normal((batch, 1, (heads + 2 * kv_heads) * head_dim)), dtype=dtype)
-    return (qkv, pool, mx.array(positions.astype(np.int32)), mx.array(write.astype(np.int32)),
-            mx.array(read.astype(np.int32)))
+    return qkv, pool, positions, mx.array(write.astype(np.int32)), read
 
 
 def inverse_frequencies(head_dim, base=10000.0):

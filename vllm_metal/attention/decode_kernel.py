@@ -28,6 +28,66 @@ from vllm_metal.device import cuda_feature
 WARPS = 4
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
+# CUDA source both attention kernels share (``fused_decode`` too).
+# A lane's score of key ``key_row`` against the scaled query in ``q_all``, into ``s``.
+SCORE_KEY = """
+                const uint4* k = reinterpret_cast<const uint4*>(pool + key_row * D);
+                float dot = 0.f;
+                #pragma unroll
+                for (int c = 0; c < D / VEC; ++c) {
+                    const uint4 packed = k[c];
+                    const P* kv = reinterpret_cast<const P*>(&packed);
+                    #pragma unroll
+                    for (int t = 0; t < VEC; ++t) dot += q_all[c * VEC + t] * static_cast<float>(kv[t]);
+                }
+                s = dot;
+"""
+# A warp's online softmax over its 32 scores ``s`` (``valid`` lanes): the running max
+# ``m``, sum ``l`` and accumulator ``acc`` rescaled, each lane's weight ``p``, and
+# ``count``, the chunk's positions.
+CHUNK_SOFTMAX = """
+            float chunk_max = s;
+            for (int o = 16; o > 0; o >>= 1) {
+                chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffff, chunk_max, o));
+            }
+            const float m_new = fmaxf(m, chunk_max);  // lane 0's key is always valid
+            const float keep = expf(m - m_new);
+            const float p = valid ? expf(s - m_new) : 0.f;
+            float p_sum = p;
+            for (int o = 16; o > 0; o >>= 1) p_sum += __shfl_xor_sync(0xffffffff, p_sum, o);
+            l = l * keep + p_sum;
+            for (int i = 0; i < PER; ++i) acc[i] *= keep;
+            const int count = min(32, len - base);
+"""
+# The warps' partial softmax sums merged (with a ``sink`` logit, -inf for none) and
+# written to ``out`` [B, HQ, D] (or [B, 1, HQ * D]: the same memory).
+MERGE_WARPS = """
+    __shared__ float warp_max[WARPS];
+    __shared__ float warp_sum[WARPS];
+    __shared__ float warp_acc[WARPS][D];
+    if (lane == 0) {
+        warp_max[warp] = m;
+        warp_sum[warp] = l;
+    }
+    for (int i = 0; i < PER; ++i) warp_acc[warp][lane * PER + i] = acc[i];
+    __syncthreads();
+    if (warp != 0) return;
+
+    float M = sink;
+    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, warp_max[w]);
+    float L = sink == neg_inf ? 0.f : expf(sink - M);
+    float weight[WARPS];
+    for (int w = 0; w < WARPS; ++w) {
+        weight[w] = warp_max[w] == neg_inf ? 0.f : expf(warp_max[w] - M);
+        L += warp_sum[w] * weight[w];
+    }
+    for (int i = 0; i < PER; ++i) {
+        float o = 0.f;
+        for (int w = 0; w < WARPS; ++w) o += warp_acc[w][lane * PER + i] * weight[w];
+        out[((long)b * HQ + h) * D + lane * PER + i] = static_cast<P>(o / L);
+    }
+"""
+
 _SOURCE = """
     constexpr int PER = D / 32;
     const float neg_inf = __int_as_float(0xff800000);
@@ -71,30 +131,11 @@ _SOURCE = """
             float s = neg_inf;
             int value_row = 0;
             if (valid) {
-                const uint4* k = reinterpret_cast<const uint4*>(pool + (long)key_rows[j * rs2] * D);
+                const long key_row = key_rows[j * rs2];
                 value_row = value_rows[j * rs2];
-                float dot = 0.f;
-                #pragma unroll
-                for (int c = 0; c < D / VEC; ++c) {
-                    const uint4 packed = k[c];
-                    const P* kv = reinterpret_cast<const P*>(&packed);
-                    #pragma unroll
-                    for (int t = 0; t < VEC; ++t) dot += q_all[c * VEC + t] * static_cast<float>(kv[t]);
-                }
-                s = dot;
+""" + SCORE_KEY + """
             }
-            float chunk_max = s;
-            for (int o = 16; o > 0; o >>= 1) {
-                chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffff, chunk_max, o));
-            }
-            const float m_new = fmaxf(m, chunk_max);  // lane 0's key is always valid
-            const float keep = expf(m - m_new);
-            const float p = valid ? expf(s - m_new) : 0.f;
-            float p_sum = p;
-            for (int o = 16; o > 0; o >>= 1) p_sum += __shfl_xor_sync(0xffffffff, p_sum, o);
-            l = l * keep + p_sum;
-            for (int i = 0; i < PER; ++i) acc[i] *= keep;
-            const int count = min(32, len - base);
+""" + CHUNK_SOFTMAX + """
             #pragma unroll 8
             for (int t = 0; t < count; ++t) {
                 const float p_t = __shfl_sync(0xffffffff, p, t);
@@ -125,33 +166,8 @@ _SOURCE = """
         }
     }
 
-    __shared__ float warp_max[WARPS];
-    __shared__ float warp_sum[WARPS];
-    __shared__ float warp_acc[WARPS][D];
-    if (lane == 0) {
-        warp_max[warp] = m;
-        warp_sum[warp] = l;
-    }
-    for (int i = 0; i < PER; ++i) warp_acc[warp][lane * PER + i] = acc[i];
-    __syncthreads();
-    if (warp != 0) return;
-
-    float M = neg_inf;
-    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, warp_max[w]);
     const float sink = SINKS ? static_cast<float>(sinks[h]) : neg_inf;
-    M = fmaxf(M, sink);
-    float L = SINKS ? expf(sink - M) : 0.f;
-    float weight[WARPS];
-    for (int w = 0; w < WARPS; ++w) {
-        weight[w] = warp_max[w] == neg_inf ? 0.f : expf(warp_max[w] - M);
-        L += warp_sum[w] * weight[w];
-    }
-    for (int i = 0; i < PER; ++i) {
-        float o = 0.f;
-        for (int w = 0; w < WARPS; ++w) o += warp_acc[w][lane * PER + i] * weight[w];
-        out[((long)b * HQ + h) * D + lane * PER + i] = static_cast<P>(o / L);
-    }
-"""
+""" + MERGE_WARPS
 
 
 _WRITE_SOURCE = """
@@ -269,7 +285,8 @@ def write_in_place(pool: mx.array, rows: mx.array, keys: mx.array,
 
 
 @functools.cache
-def _constant(value: float, dtype=mx.float32) -> mx.array:
+def constant(value: float, dtype=mx.float32) -> mx.array:
+    """A one-value array, made once: a kernel's scalar input."""
     return mx.array([value], dtype=dtype)
 
 
@@ -290,9 +307,9 @@ def paged_decode_attention(queries, pool, read_rows, offsets, scale: float,
         key_per_lane = envs.VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE
     threads = 32 * WARPS
     return _kernel()(
-        inputs=[queries, pool, read_rows, offsets, _constant(float(scale)),
-                sinks if sinks is not None else _constant(0.0, pool.dtype),
-                after if after is not None else _constant(0, mx.int32)],
+        inputs=[queries, pool, read_rows, offsets, constant(float(scale)),
+                sinks if sinks is not None else constant(0.0, pool.dtype),
+                after if after is not None else constant(0, mx.int32)],
         template=[("P", pool.dtype), ("D", head_dim), ("WINDOW", window or 0),
                   ("SINKS", sinks is not None), ("WARPS", WARPS),
                   ("KEY_PER_LANE", bool(key_per_lane))],

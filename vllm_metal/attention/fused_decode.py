@@ -24,7 +24,8 @@ import functools
 
 import mlx.core as mx
 
-WARPS = 4
+from vllm_metal.attention.decode_kernel import (CHUNK_SOFTMAX, MERGE_WARPS, SCORE_KEY, WARPS,
+                                                constant)
 
 _SOURCE = """
     constexpr int PER = D / 32;
@@ -120,30 +121,11 @@ _SOURCE = """
         if (valid && j == pos) {
             s = own;
         } else if (valid) {
-            const uint4* k = reinterpret_cast<const uint4*>(pool + (long)key_rows[j] * D);
+            const long key_row = key_rows[j];
             value_row = value_rows[j];
-            float dot = 0.f;
-            #pragma unroll
-            for (int c = 0; c < D / VEC; ++c) {
-                const uint4 packed = k[c];
-                const P* kv = reinterpret_cast<const P*>(&packed);
-                #pragma unroll
-                for (int t = 0; t < VEC; ++t) dot += q_all[c * VEC + t] * static_cast<float>(kv[t]);
-            }
-            s = dot;
+""" + SCORE_KEY + """
         }
-        float chunk_max = s;
-        for (int o = 16; o > 0; o >>= 1) {
-            chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffff, chunk_max, o));
-        }
-        const float m_new = fmaxf(m, chunk_max);  // lane 0's position is always valid
-        const float keep = expf(m - m_new);
-        const float p = valid ? expf(s - m_new) : 0.f;
-        float p_sum = p;
-        for (int o = 16; o > 0; o >>= 1) p_sum += __shfl_xor_sync(0xffffffff, p_sum, o);
-        l = l * keep + p_sum;
-        for (int i = 0; i < PER; ++i) acc[i] *= keep;
-        const int count = min(32, len - base);
+""" + CHUNK_SOFTMAX + """
         #pragma unroll 8
         for (int t = 0; t < count; ++t) {
             const float p_t = __shfl_sync(0xffffffff, p, t);
@@ -158,30 +140,8 @@ _SOURCE = """
         m = m_new;
     }
 
-    __shared__ float warp_max[WARPS];
-    __shared__ float warp_sum[WARPS];
-    __shared__ float warp_acc[WARPS][D];
-    if (lane == 0) {
-        warp_max[warp] = m;
-        warp_sum[warp] = l;
-    }
-    for (int i = 0; i < PER; ++i) warp_acc[warp][lane * PER + i] = acc[i];
-    __syncthreads();
-    if (warp != 0) return;
-    float M = neg_inf;
-    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, warp_max[w]);
-    float L = 0.f;
-    float weight[WARPS];
-    for (int w = 0; w < WARPS; ++w) {
-        weight[w] = warp_max[w] == neg_inf ? 0.f : expf(warp_max[w] - M);
-        L += warp_sum[w] * weight[w];
-    }
-    for (int i = 0; i < PER; ++i) {
-        float o = 0.f;
-        for (int w = 0; w < WARPS; ++w) o += warp_acc[w][lane * PER + i] * weight[w];
-        out[((long)b * HQ + h) * D + lane * PER + i] = static_cast<P>(o / L);
-    }
-"""
+    const float sink = neg_inf;  // no attention sinks in these models
+""" + MERGE_WARPS + """"""
 
 
 @functools.cache
@@ -196,16 +156,6 @@ def _kernel():
     )
 
 
-@functools.cache
-def _scalar(value: float) -> mx.array:
-    return mx.array([value], dtype=mx.float32)
-
-
-@functools.cache
-def _unused(dtype) -> mx.array:
-    return mx.zeros((1,), dtype=dtype)
-
-
 def fused_decode_attention(qkv, pool, offsets, write_rows, read_rows, heads: int, kv_heads: int,
                            scale: float, inv_freq: mx.array, traditional: bool, q_norm=None,
                            k_norm=None, eps: float = 0.0, write: bool = True):
@@ -218,9 +168,9 @@ def fused_decode_attention(qkv, pool, offsets, write_rows, read_rows, heads: int
     head_dim = pool.shape[-1]
     threads = 32 * WARPS
     out, keys, values = _kernel()(
-        inputs=[qkv, q_norm if q_norm is not None else _unused(pool.dtype),
-                k_norm if k_norm is not None else _unused(pool.dtype), _scalar(eps), inv_freq,
-                offsets, pool, write_rows, read_rows, _scalar(scale)],
+        inputs=[qkv, q_norm if q_norm is not None else constant(0.0, pool.dtype),
+                k_norm if k_norm is not None else constant(0.0, pool.dtype), constant(eps),
+                inv_freq, offsets, pool, write_rows, read_rows, constant(scale)],
         template=[("P", pool.dtype), ("D", head_dim), ("HQ", heads), ("HKV", kv_heads),
                   ("QK_NORM", q_norm is not None), ("TRADITIONAL", traditional),
                   ("WRITE", write), ("WARPS", WARPS)],

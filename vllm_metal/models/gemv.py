@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from vllm_metal import envs
+from vllm_metal.attention.decode_kernel import constant
 from vllm_metal.device import cuda_feature
 
 WARPS = 4
@@ -125,10 +126,6 @@ def _unused(dtype) -> mx.array:
     return mx.zeros((8,), dtype=dtype)  # a 16-byte load's worth of an input not used
 
 
-@functools.cache
-def _eps(value: float) -> mx.array:
-    return mx.array([value], dtype=mx.float32)
-
 
 def _rows_per_warp(rows: int) -> int:
     """Weight rows each warp reads: each activation row loaded then serves that
@@ -156,7 +153,7 @@ def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = No
     return _kernel()(
         inputs=[x, weight, bias if bias is not None else unused,
                 norm[0] if norm is not None else unused,
-                _eps(norm[1] if norm is not None else 0.0),
+                constant(norm[1] if norm is not None else 0.0),
                 residual if residual is not None else unused],
         template=[("T", weight.dtype), ("M", rows), ("R", per_warp), ("BIAS", bias is not None),
                   ("NORM", norm is not None), ("RESIDUAL", residual is not None),
