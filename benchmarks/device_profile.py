@@ -13,8 +13,8 @@ slower, device work.
 
 Steps are issued as each runs in its engine: mlx-lm's loop issues step n+1
 before it reads step n's token; the plugin's compiled step does too where it
-writes the pools in place (``VLLM_METAL_KV_WRITE_IN_PLACE=1``), and otherwise
-waits for each step before the next.
+writes the pools in place (``VLLM_METAL_KV_WRITE_IN_PLACE``: by default where
+its layers are fused, on CUDA), and otherwise waits for each step before the next.
 
     python -m benchmarks.device_profile MODEL_DIR [--batch 1 8] [--steps 20] [--out DIR]
 """
@@ -94,13 +94,10 @@ def profile(step, steps: int, pipelined: bool, top: int) -> dict:
 
 
 def measure(model_dir: str, batch: int, steps: int, top: int) -> dict:
-    from vllm_metal.attention.decode_kernel import writes_in_place
-
     # Room in the pools for the warm-up and profiled steps of each kind.
-    step_of, use_kernel = decode_steps(model_dir, batch, steps + 8)
-    in_place = writes_in_place()
-    result = {"batch": batch, "paged_kernel": use_kernel, "writes_in_place": in_place}
-    for name, pipelined in (("mlx_lm", True), ("plugin_compiled", in_place)):
+    step_of, facts = decode_steps(model_dir, batch, steps + 8)
+    result = {"batch": batch, **facts}
+    for name, pipelined in (("mlx_lm", True), ("plugin_compiled", facts["writes_in_place"])):
         result[name] = profile(step_of[name], steps, pipelined, top)
     return result
 

@@ -53,13 +53,14 @@ def graph_ops(out) -> dict:
     return {"total": sum(counts.values()), **dict(counts.most_common())}
 
 
-def decode_steps(model_dir: str, batch: int, steps: int, context: int = 64) -> tuple[dict, bool]:
+def decode_steps(model_dir: str, batch: int, steps: int, context: int = 64) -> tuple[dict, dict]:
     """One decode step of each kind, as functions returning the step's greedy
     tokens (unevaluated): ``mlx_lm`` (its dense cache), ``plugin`` (the eager
     paged graph), ``plugin_compiled`` (the engine's compiled decode step, writing
     in place where ``VLLM_METAL_KV_WRITE_IN_PLACE`` says so, its layers fused where
     ``VLLM_METAL_FUSED_DECODE_BLOCK`` says so); each may run
-    ``steps`` times, twice. Also returns whether the paged attention kernel runs."""
+    ``steps`` times, twice. Also returns what the plugin's steps run: the paged
+    attention kernel (``paged_kernel``), how many fused layers, in-place writes."""
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
@@ -75,9 +76,10 @@ def decode_steps(model_dir: str, batch: int, steps: int, context: int = 64) -> t
     model, _ = load(model_dir)
     plugin_model, _ = load(model_dir)
     fuse_projections(plugin_model)
+    mx.eval(plugin_model.parameters())  # as the engine's loader does: the fused weights, once
     use_kernel = route_attention(plugin_model)
     route_linears(plugin_model)
-    route_blocks(plugin_model)  # where VLLM_METAL_FUSED_DECODE_BLOCK says so
+    fused_blocks = route_blocks(plugin_model)  # where VLLM_METAL_FUSED_DECODE_BLOCK says so
     args = model.args
     kv_heads = args.num_key_value_heads
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
@@ -109,7 +111,7 @@ def decode_steps(model_dir: str, batch: int, steps: int, context: int = 64) -> t
         return mx.argmax(lm.logits(hidden[:, -1]), axis=-1)
 
     graphs = DecodeGraphs(lm, pools, [None] * len(model.layers), grouped_mask=False,
-                          use_kernel=use_kernel)
+                          use_kernel=use_kernel, fused_blocks=fused_blocks > 0)
 
     def compiled_step():
         nonlocal position
@@ -119,14 +121,16 @@ def decode_steps(model_dir: str, batch: int, steps: int, context: int = 64) -> t
         return mx.argmax(logits, axis=-1)
 
     return {"mlx_lm": mlx_lm_step, "plugin": plugin_step,
-            "plugin_compiled": compiled_step}, use_kernel
+            "plugin_compiled": compiled_step}, {
+                "paged_kernel": use_kernel, "fused_blocks": fused_blocks,
+                "writes_in_place": graphs.writes_in_place}
 
 
 def measure(model_dir: str, batch: int, steps: int, context: int = 64) -> dict:
-    step_of, use_kernel = decode_steps(model_dir, batch, steps, context)
+    step_of, facts = decode_steps(model_dir, batch, steps, context)
     for step in step_of.values():
         timed_steps(step, 3)
-    result = {"batch": batch, "paged_kernel": use_kernel,
+    result = {"batch": batch, **facts,
               **{f"ops_{name}": graph_ops(step()) for name, step in step_of.items()}}
     for key, name in (("mlx_lm", "mlx_lm"), ("plugin", "plugin"),
                       ("plugin_compiled", "plugin_compiled"), ("mlx_lm_again", "mlx_lm")):
