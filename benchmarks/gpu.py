@@ -40,11 +40,13 @@ VARIANTS = {"default": {}, "sync": {"async_scheduling": False}, "eager": {"enfor
             "unfused": {"VLLM_METAL_FUSE_PROJECTIONS": "0"},
             "no-kernel": {"VLLM_METAL_PAGED_ATTENTION_KERNEL": "0"},
             "no-gemv": {"VLLM_METAL_GEMV_KERNEL": "0"},
-            "in-place": {"VLLM_METAL_KV_WRITE_IN_PLACE": "1"},
-            "key-per-lane": {"VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE": "1"},
-            "fused-block": {"VLLM_METAL_FUSED_DECODE_BLOCK": "1", "VLLM_METAL_KV_WRITE_IN_PLACE": "1"},
-            "lane-in-place": {"VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE": "1",
-                              "VLLM_METAL_KV_WRITE_IN_PLACE": "1"},
+            # mlx-lm's layers (with the kernels above) instead of the fused decode step.
+            "layers": {"VLLM_METAL_FUSED_DECODE_BLOCK": "0"},
+            "layers-in-place": {"VLLM_METAL_FUSED_DECODE_BLOCK": "0", "VLLM_METAL_KV_WRITE_IN_PLACE": "1"},
+            "layers-key-per-lane": {"VLLM_METAL_FUSED_DECODE_BLOCK": "0",
+                                    "VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE": "1"},
+            # The fused decode step, its keys and values written by a scatter.
+            "fused-scatter": {"VLLM_METAL_KV_WRITE_IN_PLACE": "0"},
             # The runner's MLX work on the engine's thread (vLLM's Python and MLX's issue in turn).
             "inline": {"VLLM_METAL_RUNNER_THREAD": "0"},
             # MLX's CUDA graphs of up to 100 kernels (default 20) for the engine only.

@@ -62,7 +62,10 @@ def test_fused_decode_steps_give_the_plain_tokens(arch, overrides, tiny_model, m
     """In this process (the stand-ins must be seen by the engine)."""
     model = tiny_model(arch, **overrides)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_METAL_KV_WRITE_IN_PLACE", "0")  # the stand-in hands keys back
+    monkeypatch.setenv("VLLM_METAL_FUSED_DECODE_BLOCK", "0")
     plain = generate(model)
+    monkeypatch.setenv("VLLM_METAL_FUSED_DECODE_BLOCK", "auto")
     calls = []
 
     def stand_in(qkv, pool, offsets, write_rows, read_rows, heads, kv_heads, scale, inv_freq,
@@ -106,11 +109,27 @@ def test_forcing_it_on_a_model_it_does_not_cover_is_refused(tiny_model, monkeypa
 
 @pytest.mark.skipif(not ON_CUDA, reason="the kernels run on MLX's CUDA build")
 @pytest.mark.parametrize("arch, overrides", MODELS)
-@pytest.mark.parametrize("in_place", ["1", "0"], ids=["in-place", "scatter"])
+@pytest.mark.parametrize("in_place", ["auto", "0"], ids=["in-place", "scatter"])
 def test_engine_with_the_fused_kernels_gives_the_plain_tokens(arch, overrides, in_place,
                                                               tiny_model, monkeypatch):
+    """``auto``: the default, writing in place where the layers are fused."""
     model = tiny_model(arch, **overrides)
-    monkeypatch.setenv("VLLM_METAL_KV_WRITE_IN_PLACE", in_place)
+    monkeypatch.setenv("VLLM_METAL_FUSED_DECODE_BLOCK", "0")
+    monkeypatch.setenv("VLLM_METAL_KV_WRITE_IN_PLACE", "0")
     plain = generate(model)
     monkeypatch.setenv("VLLM_METAL_FUSED_DECODE_BLOCK", "1")
+    monkeypatch.setenv("VLLM_METAL_KV_WRITE_IN_PLACE", in_place)
     assert generate(model) == plain
+
+
+def test_by_default_the_fused_step_runs_on_cuda_and_writes_in_place(monkeypatch):
+    """The settings left out: the fused step and its in-place writes on MLX's CUDA
+    build (where their tests above pass), neither elsewhere; mlx-lm's layers'
+    steps keep the scatter."""
+    from vllm_metal.attention import decode_kernel
+
+    monkeypatch.delenv("VLLM_METAL_FUSED_DECODE_BLOCK", raising=False)
+    monkeypatch.delenv("VLLM_METAL_KV_WRITE_IN_PLACE", raising=False)
+    assert decode_block.available() == ON_CUDA
+    assert decode_kernel.writes_in_place(fused_blocks=True) == ON_CUDA
+    assert not decode_kernel.writes_in_place(fused_blocks=False)

@@ -22,6 +22,13 @@ from vllm_metal.device import on_cuda
 ON_CUDA = on_cuda()
 
 
+@pytest.fixture(autouse=True)
+def layers_of_mlx_lm(monkeypatch):
+    """These engine tests are about mlx-lm's layers with the kernel routed in; on
+    CUDA the fused decode step (``test_decode_block``) would take their place."""
+    monkeypatch.setenv("VLLM_METAL_FUSED_DECODE_BLOCK", "0")
+
+
 def prompts():
     return [TokensPrompt(prompt_token_ids=[(13 * j + 7 * i) % 400 + 3 for j in range(3 + 11 * i)])
             for i in range(5)]

@@ -21,6 +21,13 @@ from vllm_metal.models import gemv
 ON_CUDA = on_cuda()
 
 
+@pytest.fixture(autouse=True)
+def layers_of_mlx_lm(monkeypatch):
+    """These engine tests are about mlx-lm's layers with the kernel routed in; on
+    CUDA the fused decode step (``test_decode_block``) would take their place."""
+    monkeypatch.setenv("VLLM_METAL_FUSED_DECODE_BLOCK", "0")
+
+
 def plain_product(x, weight, bias=None):
     out = x @ weight.T
     return out if bias is None else out + bias

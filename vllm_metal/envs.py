@@ -15,8 +15,8 @@
 | VLLM_METAL_FUSE_PROJECTIONS | 1 | 1 fuses projections that read the same input (attention's q/k/v, an MLP's gate/up) into one matmul at load: fewer primitives for the host to issue per step; 0 keeps them apart (off anyway with LoRA, whose adapters attach to each projection) |
 | VLLM_METAL_PAGED_ATTENTION_KERNEL | auto | auto, 1 or 0: decode attention as one custom kernel reading the paged pools (auto: on MLX's CUDA build, where MLX's fused attention takes no array mask); 0 gathers the context and runs MLX's attention |
 | VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE | 0 | 1: the decode attention kernel scores 32 keys at a time per warp, one key per lane (more reads in flight), instead of one key at a time per warp; off by default until its GPU tests and a benchmark have passed |
-| VLLM_METAL_KV_WRITE_IN_PLACE | 0 | auto, 1 or 0: compiled decode steps write their keys and values into the pools' own buffers with a kernel and are issued while the step before still runs (a scatter must wait for it, or MLX copies the whole pool); auto: on MLX's CUDA build; 1 elsewhere is refused, and so is 1 with --enforce-eager, LoRA or TP/PP, which run no compiled steps; 0 by default until a GPU run shows it ahead on both benchmark shapes (it won on the 8B shape and lost on the 0.6B one) |
-| VLLM_METAL_FUSED_DECODE_BLOCK | 0 | auto, 1 or 0: on MLX's CUDA build, a compiled decode step runs each decoder layer of Llama, Mistral, Qwen2 and Qwen3 models in six kernels (norm and q/k/v projection; the whole attention with its KV write; output projection and residual; norm and gate/up projection; SwiGLU; down projection and residual) instead of about 25 primitives; 1 elsewhere, or with a model it does not cover, is refused; off by default until its GPU tests and a benchmark have passed |
+| VLLM_METAL_KV_WRITE_IN_PLACE | auto | auto, 1 or 0: compiled decode steps write their keys and values into the pools' own buffers with a kernel and are issued while the step before still runs (a scatter must wait for it, or MLX copies the whole pool); auto: where the fused decode step (`VLLM_METAL_FUSED_DECODE_BLOCK`) runs, whose attention kernel does the write (measured ahead there); 1 also for the other layers' compiled steps on MLX's CUDA build (measured even to 13% behind on the 0.6B shape); 1 elsewhere is refused, and so is 1 with --enforce-eager, LoRA or TP/PP, which run no compiled steps |
+| VLLM_METAL_FUSED_DECODE_BLOCK | auto | auto, 1 or 0: a compiled decode step runs each decoder layer of Llama, Mistral, Qwen2 and Qwen3 models (unquantized, one rank, no LoRA) in six kernels (norm and q/k/v projection; the whole attention with its KV write; output projection and residual; norm and gate/up projection; SwiGLU; down projection and residual) instead of about 25 primitives; auto: on MLX's CUDA build, for the layers it covers; 1 elsewhere, or with a model it does not cover, is refused; 0 keeps mlx-lm's layers |
 | VLLM_METAL_GEMV_KERNEL | auto | auto, 1 or 0: linear layers called with at most 8 rows (decode steps) as one custom matrix-vector kernel (auto: on MLX's CUDA build, where a matmul costs the host four times a custom kernel to issue); 0 keeps MLX's matmul |
 | VLLM_METAL_RUNNER_THREAD | 1 | 1 runs a one-process engine's MLX work (model load, each step's forward and sampling) on a thread of its own, so that vLLM's scheduling and output handling overlap MLX's launch of the forward; 0 runs it on the engine's thread |
 | VLLM_METAL_PEER_TIMEOUT | 3 | seconds a rank of a TP/PP engine waits for a silent peer's heartbeat (a stopped or hung process, a link down) before it stops the engine |
@@ -158,10 +158,10 @@ _SETTINGS = [
     Setting("VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE", "0",
             _flag("VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE"),
             "paged attention kernel: a key per lane, 32 at a time per warp"),
-    Setting("VLLM_METAL_KV_WRITE_IN_PLACE", "0",
+    Setting("VLLM_METAL_KV_WRITE_IN_PLACE", "auto",
             _choice("VLLM_METAL_KV_WRITE_IN_PLACE", ("auto", "1", "0")),
             "decode steps write the KV pools in place (CUDA)"),
-    Setting("VLLM_METAL_FUSED_DECODE_BLOCK", "0",
+    Setting("VLLM_METAL_FUSED_DECODE_BLOCK", "auto",
             _choice("VLLM_METAL_FUSED_DECODE_BLOCK", ("auto", "1", "0")),
             "a decoder layer's decode step in six kernels (CUDA)"),
     Setting("VLLM_METAL_GEMV_KERNEL", "auto",

@@ -105,6 +105,7 @@ class MetalModelRunner:
         self.layer_windows: list[int | None] = []
         self.decode_graphs: DecodeGraphs | None = None
         self.paged_kernel = False  # decode attention by vllm_metal.attention.decode_kernel
+        self.fused_blocks = 0  # decoder layers whose decode step is vllm_metal.models.decode_block's
         self.input_batch: InputBatch | None = None
         self.step_state: StepState | None = None
         # Asynchronous scheduling: the last step's greedy tokens, still on the device.
@@ -164,6 +165,7 @@ class MetalModelRunner:
 
         alone = self.parallel is None and self.adapters is None
         fused = decode_block.route_blocks(self.model.model) if alone else 0
+        self.fused_blocks = fused
         if fused:
             logger.info("Decode steps: %d decoder layers in six kernels each "
                         "(VLLM_METAL_FUSED_DECODE_BLOCK=0: mlx-lm's layers)", fused)
@@ -255,7 +257,8 @@ class MetalModelRunner:
         # A traced step would keep the adapter slots it was traced with: LoRA runs eager.
         if self.parallel is None and not self.model_config.enforce_eager and self.adapters is None:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.layer_windows,
-                                              self.grouped_mask, self.paged_kernel)
+                                              self.grouped_mask, self.paged_kernel,
+                                              fused_blocks=self.fused_blocks > 0)
         self.input_batch = InputBatch(
             max_num_reqs=self.max_num_reqs,
             max_model_len=self.max_model_len,

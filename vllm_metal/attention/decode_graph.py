@@ -47,12 +47,12 @@ class DecodeInputs:
 
 class DecodeGraphs:
     def __init__(self, model, kv_cache: PagedKVCache, windows: list[int | None], grouped_mask: bool,
-                 use_kernel: bool = False):
+                 use_kernel: bool = False, fused_blocks: bool = False):
         self.model = model
         self.use_kernel = use_kernel
         # Pools written in place: a step need not wait for the one before to be
         # issued (``decode_kernel.write_in_place``).
-        self.writes_in_place = decode_kernel.writes_in_place()
+        self.writes_in_place = decode_kernel.writes_in_place(fused_blocks)
         self.kv = kv_cache
         # None too: mlx-lm builds a plain causal mask before the layers ask for theirs.
         self.windows = sorted(set(windows) | {None}, key=lambda w: -1 if w is None else w)

@@ -23,7 +23,7 @@ import functools
 import mlx.core as mx
 
 from vllm_metal import envs
-from vllm_metal.device import cuda_feature
+from vllm_metal.device import cuda_feature, on_cuda
 
 WARPS = 4
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
@@ -42,9 +42,9 @@ SCORE_KEY = """
                 }
                 s = dot;
 """
-# A warp's online softmax over its 32 scores ``s`` (``valid`` lanes): the running max
-# ``m``, sum ``l`` and accumulator ``acc`` rescaled, each lane's weight ``p``, and
-# ``count``, the chunk's positions.
+# A warp's online softmax over its 32 scores ``s`` (``valid`` lanes) of the positions
+# ``base`` on, up to ``end``: the running max ``m``, sum ``l`` and accumulator ``acc``
+# rescaled, each lane's weight ``p``, and ``count``, the chunk's positions.
 CHUNK_SOFTMAX = """
             float chunk_max = s;
             for (int o = 16; o > 0; o >>= 1) {
@@ -57,7 +57,18 @@ CHUNK_SOFTMAX = """
             for (int o = 16; o > 0; o >>= 1) p_sum += __shfl_xor_sync(0xffffffff, p_sum, o);
             l = l * keep + p_sum;
             for (int i = 0; i < PER; ++i) acc[i] *= keep;
-            const int count = min(32, len - base);
+            const int count = min(32, end - base);
+"""
+# The chunk's value rows (each lane's ``value_row``) weighted into ``acc``. No branch
+# in the loop: the loads of several positions are in flight at once.
+ADD_VALUES = """
+            #pragma unroll 8
+            for (int t = 0; t < count; ++t) {
+                const float p_t = __shfl_sync(0xffffffff, p, t);
+                const int row_t = __shfl_sync(0xffffffff, value_row, t);
+                const P* v = pool + (long)row_t * D + lane * PER;
+                for (int i = 0; i < PER; ++i) acc[i] += p_t * static_cast<float>(v[i]);
+            }
 """
 # The warps' partial softmax sums merged (with a ``sink`` logit, -inf for none) and
 # written to ``out`` [B, HQ, D] (or [B, 1, HQ * D]: the same memory).
@@ -125,9 +136,10 @@ _SOURCE = """
             q_all[i] = static_cast<float>(q[q_base + (long)i * q_strides[3]]) * scale;
         }
         __syncthreads();
-        for (int base = start + warp * 32; base < len; base += WARPS * 32) {
+        const int end = len;
+        for (int base = start + warp * 32; base < end; base += WARPS * 32) {
             const int j = base + lane;
-            const bool valid = j < len;
+            const bool valid = j < end;
             float s = neg_inf;
             int value_row = 0;
             if (valid) {
@@ -135,14 +147,7 @@ _SOURCE = """
                 value_row = value_rows[j * rs2];
 """ + SCORE_KEY + """
             }
-""" + CHUNK_SOFTMAX + """
-            #pragma unroll 8
-            for (int t = 0; t < count; ++t) {
-                const float p_t = __shfl_sync(0xffffffff, p, t);
-                const int row_t = __shfl_sync(0xffffffff, value_row, t);
-                const P* v = pool + (long)row_t * D + lane * PER;
-                for (int i = 0; i < PER; ++i) acc[i] += p_t * static_cast<float>(v[i]);
-            }
+""" + CHUNK_SOFTMAX + ADD_VALUES + """
             m = m_new;
         }
     } else {
@@ -199,9 +204,14 @@ _WRITE_SOURCE = """
 """
 
 
-def writes_in_place() -> bool:
-    """Whether compiled decode steps write the pools in place (``write_in_place``)."""
-    return cuda_feature("VLLM_METAL_KV_WRITE_IN_PLACE", envs.VLLM_METAL_KV_WRITE_IN_PLACE)
+def writes_in_place(fused_blocks: bool = False) -> bool:
+    """Whether compiled decode steps write the pools in place (``write_in_place``):
+    by default where the fused decode step runs (``fused_blocks``), whose attention
+    kernel writes them; set to 1, also with the other layers' steps."""
+    choice = envs.VLLM_METAL_KV_WRITE_IN_PLACE
+    if choice == "auto":
+        return fused_blocks and on_cuda()
+    return cuda_feature("VLLM_METAL_KV_WRITE_IN_PLACE", choice)
 
 
 def available() -> bool:
