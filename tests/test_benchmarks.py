@@ -129,3 +129,22 @@ def test_overhead_reads_the_runners_step_lines(tiny_model, scheduling):
     assert len(steps) >= 5, done.stderr[-2000:]
     assert all(step["issue"] > 0 for step in steps)
     assert any(step["sample"] > 0 for step in steps) == (scheduling == "sync")
+
+
+def test_attention_kernels_writes_its_table(tmp_path):
+    """MLX's own attention on every machine; the project's kernels beside it on
+    MLX's CUDA build, each with its device time per launch there."""
+    from vllm_metal.device import on_cuda
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.attention_kernels", "--heads", "4", "2",
+                           "64", "--batch", "1", "--context", "40", "--steps", "2",
+                           "--out", str(tmp_path)],
+                          cwd=REPO, env=dict(os.environ), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "attention_kernels.json").read_text())
+    names = {row["kernel"] for row in rows}
+    assert "mlx sdpa, dense" in names
+    assert len(names) == (5 if on_cuda() else 1)
+    assert all(row["batch"] == 1 and row["context"] == 40 for row in rows)
+    assert (tmp_path / "attention_kernels.md").read_text().count("| mlx sdpa, dense | 1 | 40 |") == 1
