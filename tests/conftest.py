@@ -1,6 +1,9 @@
+import contextlib
+import fcntl
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +31,61 @@ def requires_tool(missing: str | None):
     usable here, None when it is). Outside CI they skip without it; in CI (``CI``
     set) they fail, so a lost tool cannot silently shrink the suite."""
     return pytest.mark.requires_tool(missing)
+
+
+# The suite runs on two pytest-xdist workers (pyproject's addopts). Tests of one
+# group run on one worker, one after another: the Ray tests (their helpers find Ray
+# workers machine-wide, and the soak and LoRA/quantized engines size their caches
+# from the memory those leave), and each module whose fixture starts an engine or
+# a server once for all its tests.
+XDIST_GROUPS = {
+    "test_ray.py": "ray", "test_soak.py": "ray", "test_lora.py": "ray",
+    "test_quantized.py": "ray", "test_stalled_rank.py::test_ray_silent_rank": "ray",
+    **{name: name.removesuffix(".py") for name in (
+        "test_server.py", "test_bad_requests.py", "test_batching.py", "test_sampling.py",
+        "test_structured_output.py", "test_hub.py", "test_tiny_models.py", "test_gguf.py",
+        "test_readme.py", "test_memory_defaults.py", "test_serving_limits.py")},
+}
+# Modules that run with no other test at once (``machine_share``), and why.
+EXCLUSIVE = {
+    "test_memory_defaults.py": "reads the machine's free memory and decode speed, holds most of it",
+    "test_readme.py": "runs ./install.sh, which reinstalls the plugin other engines load",
+    "test_serving_limits.py": "a refusal within one second",
+}
+
+
+def xdist_group_of(item) -> str | None:
+    path = Path(str(item.fspath)).name
+    return XDIST_GROUPS.get(f"{path}::{item.originalname}", XDIST_GROUPS.get(path))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        group = xdist_group_of(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def machine_share(request, tmp_path_factory):
+    """Between xdist workers: a module in ``EXCLUSIVE`` holds the machine alone while
+    it runs; every other module holds it shared. A waiting exclusive module first
+    closes a gate that new modules must pass, so it waits only for the modules
+    already running."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    exclusive = Path(request.module.__file__).name in EXCLUSIVE
+    root = tmp_path_factory.getbasetemp().parent  # this run's, shared by its workers
+    with contextlib.ExitStack() as held:
+        gate = held.enter_context(open(root / "machine.gate", "a"))
+        share = held.enter_context(open(root / "machine.share", "a"))
+        fcntl.flock(gate, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(share, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield
 
 
 def pytest_runtest_setup(item):

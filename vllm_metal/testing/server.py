@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,9 +15,19 @@ import requests
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the ports the system hands out to outgoing connections
+    and to ``bind(0)`` (Linux from 32768, macOS from 49152): between this choice and
+    the server binding it (its whole startup), only another server choosing at
+    random could take it."""
+    for _ in range(100):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000 on 127.0.0.1")
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float, log_tail,
