@@ -113,9 +113,10 @@ _SOURCE = """
     float l = 0.f;
     float acc[PER];
     for (int i = 0; i < PER; ++i) acc[i] = 0.f;
-    for (int base = warp * 32; base < len; base += WARPS * 32) {
+    const int end = len;  // positions read: the pool's, then this one
+    for (int base = warp * 32; base < end; base += WARPS * 32) {
         const int j = base + lane;
-        const bool valid = j < len;
+        const bool valid = j < end;
         float s = neg_inf;
         int value_row = -1;  // -1: this position's value, from shared memory
         if (valid && j == pos) {
