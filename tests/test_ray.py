@@ -15,7 +15,8 @@ import requests
 
 from conftest import requires_tool
 from vllm_metal.testing.netns import SimulatedHosts, can_simulate_hosts
-from vllm_metal.testing.ray_nodes import RayCluster, can_run_ray, ray_worker_processes
+from vllm_metal.testing.ray_nodes import (RayCluster, can_run_ray, ray_worker_processes,
+                                         wait_for_no_ray_workers)
 from vllm_metal.testing.reference import greedy_tokens, load_hf
 from vllm_metal.testing.server import Server
 
@@ -134,6 +135,7 @@ def test_two_nodes_give_one_rank_tokens(two_nodes, tiny_model, layout):
 
 def test_a_worker_that_dies_fails_clients_and_stops_the_server(two_nodes, tiny_model, tmp_path):
     model = tiny_model("llama")
+    wait_for_no_ray_workers()  # an earlier test's, on this cluster: the two found below are ours
     server = Server([model, "--distributed-executor-backend", "ray", "--tensor-parallel-size",
                      "2", "--dtype", "float32", "--max-model-len", "512", "--seed", "0"],
                     env=two_nodes.head_env(), log_path=tmp_path / "serve.log",

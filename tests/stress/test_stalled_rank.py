@@ -18,7 +18,8 @@ import requests
 from conftest import requires_tool
 from test_multihost import Launch, served_model
 from vllm_metal.testing.netns import SimulatedHosts, can_simulate_hosts
-from vllm_metal.testing.ray_nodes import RayCluster, can_run_ray, ray_worker_processes
+from vllm_metal.testing.ray_nodes import (RayCluster, can_run_ray, ray_worker_processes,
+                                         wait_for_no_ray_workers)
 from vllm_metal.testing.server import Server
 
 pytestmark = requires_tool(can_simulate_hosts())
@@ -123,6 +124,7 @@ def test_ray_silent_rank(tiny_model, tmp_path, fault):
         pytest.fail(can_run_ray())
     model = tiny_model("qwen3")
     vllm = Path(sys.executable).with_name("vllm")
+    wait_for_no_ray_workers()  # an earlier test's: every worker found below is this engine's
     with SimulatedHosts(2) as hosts, RayCluster(hosts, tmp_path, head=0, mlx=1) as cluster:
         cluster.add_node(1, mlx=1)
         server = Server([model, "--distributed-executor-backend", "ray",

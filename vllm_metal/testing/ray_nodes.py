@@ -123,6 +123,17 @@ class RayCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def wait_for_no_ray_workers(timeout: float = 60.0) -> None:
+    """Until the worker actors of earlier engines are gone: Ray ends an engine's
+    actors after its driver exits, in its own time (longer on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while ray_worker_processes():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Ray worker actors of an earlier engine still run after "
+                               f"{timeout} s: {[p.pid for p in ray_worker_processes()]}")
+        time.sleep(0.5)
+
+
 def ray_worker_processes() -> list:
     """The plugin's Ray worker actors running on this machine (any simulated host)."""
     import psutil
