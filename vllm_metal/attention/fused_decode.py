@@ -24,8 +24,8 @@ import functools
 
 import mlx.core as mx
 
-from vllm_metal.attention.decode_kernel import (CHUNK_SOFTMAX, MERGE_WARPS, SCORE_KEY, WARPS,
-                                                constant)
+from vllm_metal.attention.decode_kernel import (ADD_VALUES, CHUNK_SOFTMAX, MERGE_WARPS, SCORE_KEY,
+                                                WARPS, constant)
 
 _SOURCE = """
     constexpr int PER = D / 32;
@@ -41,7 +41,6 @@ _SOURCE = """
     const int lane = threadIdx.x % 32;
     const int warp = threadIdx.x / 32;
     const int pos = offsets[b];
-    const int len = pos + 1;
     const long token = (long)b * (HQ + 2 * HKV) * D;
 
     __shared__ float q_all[D];
@@ -109,35 +108,25 @@ _SOURCE = """
 
     const int* key_rows = read_rows + ((long)b * HKV + kvh) * S;
     const int* value_rows = read_rows + ((long)(B + b) * HKV + kvh) * S;
-    float m = neg_inf;
-    float l = 0.f;
+    // Warp 0 starts from this position (score and value from shared memory); the
+    // warps then take the earlier positions from the pool, so their value loop has
+    // no branch and keeps several rows' loads in flight.
+    float m = warp == 0 ? own : neg_inf;
+    float l = warp == 0 ? 1.f : 0.f;
     float acc[PER];
-    for (int i = 0; i < PER; ++i) acc[i] = 0.f;
-    const int end = len;  // positions read: the pool's, then this one
+    for (int i = 0; i < PER; ++i) acc[i] = warp == 0 ? v_new[lane * PER + i] : 0.f;
+    const int end = pos;
     for (int base = warp * 32; base < end; base += WARPS * 32) {
         const int j = base + lane;
         const bool valid = j < end;
         float s = neg_inf;
-        int value_row = -1;  // -1: this position's value, from shared memory
-        if (valid && j == pos) {
-            s = own;
-        } else if (valid) {
+        int value_row = 0;
+        if (valid) {
             const long key_row = key_rows[j];
             value_row = value_rows[j];
 """ + SCORE_KEY + """
         }
-""" + CHUNK_SOFTMAX + """
-        #pragma unroll 8
-        for (int t = 0; t < count; ++t) {
-            const float p_t = __shfl_sync(0xffffffff, p, t);
-            const int row_t = __shfl_sync(0xffffffff, value_row, t);
-            if (row_t < 0) {
-                for (int i = 0; i < PER; ++i) acc[i] += p_t * v_new[lane * PER + i];
-            } else {
-                const P* v = pool + (long)row_t * D + lane * PER;
-                for (int i = 0; i < PER; ++i) acc[i] += p_t * static_cast<float>(v[i]);
-            }
-        }
+""" + CHUNK_SOFTMAX + ADD_VALUES + """
         m = m_new;
     }
 
