@@ -33,19 +33,12 @@ def requires_tool(missing: str | None):
     return pytest.mark.requires_tool(missing)
 
 
-# The suite runs on two pytest-xdist workers (pyproject's addopts). These groups ask
-# xdist to keep tests on one worker (Ray's tests and the memory-sized engines; each
-# module whose fixture starts an engine or a server once). A scratch run shows xdist
-# 3.8 not grouping by them (tests of one group on both workers; why is open), so what
-# must not overlap is kept apart by ``machine_share``'s locks, not by these.
-XDIST_GROUPS = {
-    "test_ray.py": "ray", "test_soak.py": "ray", "test_lora.py": "ray",
-    "test_quantized.py": "ray", "test_stalled_rank.py::test_ray_silent_rank": "ray",
-    **{name: name.removesuffix(".py") for name in (
-        "test_server.py", "test_bad_requests.py", "test_batching.py", "test_sampling.py",
-        "test_structured_output.py", "test_hub.py", "test_tiny_models.py", "test_gguf.py",
-        "test_readme.py", "test_memory_defaults.py", "test_serving_limits.py")},
-}
+# The suite runs on two pytest-xdist workers (pyproject's addopts) with ``--dist
+# loadfile``: each module's tests run on one worker, so a module-scoped engine or server
+# starts once. (``loadgroup``'s groups take no effect with pytest 9: xdist 3.8 marks a
+# grouped test by renaming ``item._nodeid``, which pytest 9 no longer reads.) What must
+# not run beside other modules is kept apart by ``machine_share``'s locks.
+
 # Modules that run with no other test at once (``machine_share``), and why.
 EXCLUSIVE = {
     "test_memory_defaults.py": "reads the machine's free memory and decode speed, holds most of it",
@@ -55,19 +48,6 @@ EXCLUSIVE = {
 # Modules that run one at a time among themselves: they count the plugin's Ray worker
 # actors machine-wide, so another module's Ray engine must not run beside them.
 RAY_COUNTING = {"test_ray.py", "test_stalled_rank.py"}
-
-
-def xdist_group_of(item) -> str | None:
-    path = Path(str(item.fspath)).name
-    return XDIST_GROUPS.get(f"{path}::{item.originalname}", XDIST_GROUPS.get(path))
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
-def pytest_collection_modifyitems(items):
-    for item in items:
-        group = xdist_group_of(item)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="module", autouse=True)
