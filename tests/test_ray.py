@@ -167,7 +167,10 @@ def test_a_worker_that_dies_fails_clients_and_stops_the_server(two_nodes, tiny_m
             thread.join(timeout=30)
         assert exited_after < 10, server.tail()
         assert failures and not finished, (failures, finished)
-        assert "died unexpectedly" in server.tail(10**7)
+        # Ray's report of the dead actor, or the other rank's, whichever comes first: its
+        # link to the killed rank drops (both name the rank and stop the engine).
+        log = server.tail(10**7)
+        assert "died unexpectedly" in log or "lost contact with rank 1" in log, log[-3000:]
 
 
 # ---- no cluster, or one without `mlx` ----------------------------------------------
