@@ -25,17 +25,19 @@ def test_timed(i):
 
 
 def spans_of_a_run(tmp_path: Path, module_name: str) -> dict:
-    """Runs ``module_name`` (two 1-second tests) beside ``test_zz_shared.py`` (ten
-    0.5-second tests) on two workers; returns each kind's (start, end) spans."""
+    """Runs ``module_name`` (two 1-second tests) beside four other modules (three
+    0.5-second tests each) on two workers, a module on one worker as the suite runs
+    (``--dist loadfile``); returns each kind's (start, end) spans."""
     shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
     (tmp_path / module_name).write_text(TIMED_TEST.format(count=2, seconds=1.0, kind="watched"))
-    (tmp_path / "test_zz_shared.py").write_text(TIMED_TEST.format(count=10, seconds=0.5,
-                                                                  kind="shared"))
+    for name in "abcd":
+        (tmp_path / f"test_zz_shared_{name}.py").write_text(
+            TIMED_TEST.format(count=3, seconds=0.5, kind="shared"))
     (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not the project's addopts
     spans = tmp_path / "spans.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
-         "--dist", "loadgroup", "-c", str(tmp_path / "pytest.ini"), "--rootdir", str(tmp_path),
+         "--dist", "loadfile", "-c", str(tmp_path / "pytest.ini"), "--rootdir", str(tmp_path),
          str(tmp_path)],
         cwd=tmp_path, env={**os.environ, "SPANS": str(spans)},
         capture_output=True, text=True, timeout=120)
@@ -44,7 +46,7 @@ def spans_of_a_run(tmp_path: Path, module_name: str) -> dict:
     for line in spans.read_text().splitlines():
         kind, start, end = json.loads(line)
         found[kind].append((start, end))
-    assert len(found["watched"]) == 2 and len(found["shared"]) == 10
+    assert len(found["watched"]) == 2 and len(found["shared"]) == 12
     return found
 
 
