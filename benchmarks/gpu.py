@@ -40,6 +40,8 @@ VARIANTS = {"default": {}, "sync": {"async_scheduling": False}, "eager": {"enfor
             "unfused": {"VLLM_METAL_FUSE_PROJECTIONS": "0"},
             "no-kernel": {"VLLM_METAL_PAGED_ATTENTION_KERNEL": "0"},
             "no-gemv": {"VLLM_METAL_GEMV_KERNEL": "0"},
+            # Projections of 9 to 32 rows of small weights by the tensor-core kernel (not matmul).
+            "tensor-cores": {"VLLM_METAL_GEMV_TENSOR_CORES": "1"},
             # mlx-lm's layers (with the kernels above) instead of the fused decode step.
             "layers": {"VLLM_METAL_FUSED_DECODE_BLOCK": "0"},
             "layers-in-place": {"VLLM_METAL_FUSED_DECODE_BLOCK": "0", "VLLM_METAL_KV_WRITE_IN_PLACE": "1"},

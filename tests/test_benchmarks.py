@@ -148,3 +148,25 @@ def test_attention_kernels_writes_its_table(tmp_path):
     assert len(names) == (5 if on_cuda() else 1)
     assert all(row["batch"] == 1 and row["context"] == 40 for row in rows)
     assert (tmp_path / "attention_kernels.md").read_text().count("| mlx sdpa, dense | 1 | 40 |") == 1
+
+
+def test_linear_kernels_writes_its_table(tmp_path):
+    """MLX's matmul on every machine; the project's kernels beside it, each with the
+    choices given, on MLX's CUDA build."""
+    from vllm_metal.device import on_cuda
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.linear_kernels", "--shapes",
+                           "qwen3-0.6b", "--rows", "2", "--per-warp", "1", "2", "--tiles", "1-2-4",
+                           "--steps", "2",
+                           "--bytes", "1000000", "--out", str(tmp_path)],
+                          cwd=REPO, env=dict(os.environ), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "linear_kernels.json").read_text())
+    assert {row["product"] for row in rows} == {"qkv", "o", "gate_up", "down"}
+    methods = {row["method"] for row in rows}
+    assert methods == ({"matmul", "vector", "vector, 1 rows a warp", "tensor", "tensor, tiles 1-2-4"}
+                       if on_cuda() else {"matmul"})
+    if on_cuda():
+        assert all(row["us"] > 0 for row in rows)
+    assert (tmp_path / "linear_kernels.md").read_text().count("| qwen3-0.6b | down | 2 |") == 1

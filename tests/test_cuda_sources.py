@@ -5,7 +5,7 @@ points hand to MLX, for the H200's architecture (sm_90) and an A100's (sm_80).
 The calls are recorded, not guessed: ``mx.fast.cuda_kernel`` is replaced by a
 recorder, the real entry points run (attention in both layouts, with and without
 a window and sinks; the in-place KV write for keys and values and for latent rows;
-the few-row linear kernel at each row count and bias), and each recorded call is
+the few-row linear kernels, vector and tensor-core, at each row count and bias), and each recorded call is
 wrapped the way MLX wraps a custom kernel (its inputs' pointers, then shapes and
 strides where the source names them, its outputs, its template constants) with
 a small stand-in for MLX's device header. This catches what a GPU run would
@@ -118,6 +118,7 @@ def recorded_calls(monkeypatch) -> list[dict]:
     recorder = Recorder()
     monkeypatch.setattr(mx.fast, "cuda_kernel", recorder, raising=False)
     kernels = (decode_kernel._kernel, decode_kernel._write_kernel, gemv._kernel,
+               gemv._tensor_kernel,
                fused_decode._kernel, decode_block._swiglu_kernel)
     for cached in kernels:
         cached.cache_clear()
@@ -141,6 +142,14 @@ def recorded_calls(monkeypatch) -> list[dict]:
                 gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, bias)
             gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, None,
                                     (mx.zeros((256,), dtype), 1e-6), mx.zeros((rows, 1, 24), dtype))
+        if dtype in gemv.TENSOR_DTYPES:
+            for rows, tiles in ((2, None), (9, (2, 2, 4)), (gemv.TENSOR_MAX_ROWS, None)):
+                for bias in (None, mx.zeros((24,), dtype)):
+                    gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, bias,
+                                            kernel="tensor", tiles=tiles)
+                gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, None,
+                                        (mx.zeros((256,), dtype), 1e-6),
+                                        mx.zeros((rows, 1, 24), dtype), kernel="tensor")
         for head_dim, heads, kv_heads in ((128, 16, 8), (64, 4, 4)):
             qkv = mx.zeros((2, 1, (heads + 2 * kv_heads) * head_dim), dtype)
             norm = mx.zeros((head_dim,), dtype)
@@ -172,7 +181,8 @@ def test_every_kernel_source_compiles(monkeypatch, arch):
     calls = distinct(recorded_calls(monkeypatch))
     names = {call["name"] for call in calls}
     assert names == {"vllm_metal_paged_decode_attention", "vllm_metal_paged_kv_write",
-                     "vllm_metal_small_batch_linear", "vllm_metal_fused_decode_attention",
+                     "vllm_metal_small_batch_linear", "vllm_metal_small_batch_linear_mma",
+                     "vllm_metal_fused_decode_attention",
                      "vllm_metal_swiglu"}, names
     failures = []
     for call in calls:

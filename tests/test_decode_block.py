@@ -11,13 +11,13 @@ route. On MLX's CUDA build the kernels are tested against those references
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from conftest import engine_greedy_tokens
+from conftest import engine_greedy_tokens, start_llm, stop_llm
 from mlx_lm.models.rope_utils import initialize_rope
 from vllm.inputs import TokensPrompt
 
 from vllm_metal.attention import fused_decode
 from vllm_metal.device import on_cuda
-from vllm_metal.models import decode_block
+from vllm_metal.models import decode_block, gemv
 
 ON_CUDA = on_cuda()
 # The kernel takes head sizes in multiples of 32 (mlx-lm's Qwen2 derives it from the width).
@@ -122,6 +122,31 @@ def test_engine_with_the_fused_kernels_gives_the_plain_tokens(arch, overrides, i
     assert generate(model) == plain
 
 
+@pytest.mark.skipif(not ON_CUDA, reason="the kernels run on MLX's CUDA build")
+def test_engine_with_tensor_core_projections_in_bf16(tiny_model, monkeypatch):
+    """12 requests in bf16, decoded together (one batch size: one decode graph to trace):
+    the fused steps' projections of 12 rows on tensor cores (VLLM_METAL_GEMV_TENSOR_CORES=1)
+    against MLX's norm, matmul and add. Their bf16 roundings differ, so near-ties may part
+    a few tokens; a wrong product parts most."""
+    model = tiny_model("llama", head_dim=32, hidden_size=256, intermediate_size=512)
+    requests = [TokensPrompt(prompt_token_ids=[(5 * j + 11 * i) % 300 + 3 for j in range(8)])
+                for i in range(12)]
+
+    def tokens(tensor_cores: str) -> list[list[int]]:
+        monkeypatch.setenv("VLLM_METAL_GEMV_TENSOR_CORES", tensor_cores)
+        llm = start_llm(model, dtype="bfloat16", max_num_batched_tokens=256,
+                        enable_prefix_caching=False)
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+            return [list(o.outputs[0].token_ids) for o in llm.generate(requests, params)]
+        finally:
+            stop_llm(llm)
+
+    plain, tensor = tokens("0"), tokens("1")
+    same = sum(a == b for p, t in zip(plain, tensor) for a, b in zip(p, t))
+    assert same >= 0.9 * sum(map(len, plain)), (plain, tensor)
+
+
 def test_by_default_the_fused_step_runs_on_cuda_and_writes_in_place(monkeypatch):
     """The settings left out: the fused step and its in-place writes on MLX's CUDA
     build (where their tests above pass), neither elsewhere; mlx-lm's layers'
@@ -130,6 +155,8 @@ def test_by_default_the_fused_step_runs_on_cuda_and_writes_in_place(monkeypatch)
 
     monkeypatch.delenv("VLLM_METAL_FUSED_DECODE_BLOCK", raising=False)
     monkeypatch.delenv("VLLM_METAL_KV_WRITE_IN_PLACE", raising=False)
+    monkeypatch.delenv("VLLM_METAL_GEMV_TENSOR_CORES", raising=False)
     assert decode_block.available() == ON_CUDA
+    assert gemv.tensor_cores() == ON_CUDA
     assert decode_kernel.writes_in_place(fused_blocks=True) == ON_CUDA
     assert not decode_kernel.writes_in_place(fused_blocks=False)

@@ -84,13 +84,59 @@ def test_route_leaves_quantized_layers_and_the_parameter_tree(monkeypatch):
     assert all(after[k] is before[k] for k in before)
 
 
-def test_covers_few_rows_of_the_weight_type_only():
+def test_tensor_cores_asked_for_where_they_cannot_run_stop_startup(monkeypatch):
+    monkeypatch.setenv("VLLM_METAL_GEMV_TENSOR_CORES", "1")
+    model = nn.Sequential(nn.Linear(16, 32))
+    if not ON_CUDA:
+        with pytest.raises(RuntimeError, match="VLLM_METAL_GEMV_TENSOR_CORES=1 needs MLX's CUDA"):
+            gemv.route_linears(model)
+    monkeypatch.setenv("VLLM_METAL_GEMV_KERNEL", "0")
+    with pytest.raises(RuntimeError, match="VLLM_METAL_GEMV_TENSOR_CORES=1"):
+        gemv.route_linears(model)
+
+
+def test_covers_few_rows_of_the_weight_type_only(monkeypatch):
+    monkeypatch.setattr(gemv, "tensor_cores", lambda: False)
     weight = mx.zeros((24, 64), mx.bfloat16)
     assert gemv.covers(mx.zeros((1, 1, 64), mx.bfloat16), weight)
     assert gemv.covers(mx.zeros((gemv.MAX_ROWS, 1, 64), mx.bfloat16), weight)
     assert not gemv.covers(mx.zeros((gemv.MAX_ROWS + 1, 1, 64), mx.bfloat16), weight)
     assert not gemv.covers(mx.zeros((1, 64), mx.float32), weight)
     assert not gemv.covers(mx.zeros((1, 60), mx.bfloat16), mx.zeros((24, 60), mx.bfloat16))
+    # A weight as large as LARGE_WEIGHT: MLX's matmul above LARGE_WEIGHT_ROWS rows.
+    large = mx.zeros((gemv.LARGE_WEIGHT // 2 // 2048, 2048), mx.bfloat16)
+    assert gemv.covers(mx.zeros((gemv.LARGE_WEIGHT_ROWS, 2048), mx.bfloat16), large)
+    assert not gemv.covers(mx.zeros((gemv.LARGE_WEIGHT_ROWS + 1, 2048), mx.bfloat16), large)
+
+
+def test_tensor_cores_cover_more_rows_in_half_precision(monkeypatch):
+    monkeypatch.setattr(gemv, "tensor_cores", lambda: True)
+    weight = mx.zeros((24, 64), mx.bfloat16)
+    assert gemv.covers(mx.zeros((gemv.TENSOR_MAX_ROWS, 1, 64), mx.bfloat16), weight)
+    assert not gemv.covers(mx.zeros((gemv.TENSOR_MAX_ROWS + 1, 64), mx.bfloat16), weight)
+    assert not gemv.covers(mx.zeros((9, 64), mx.float32), mx.zeros((24, 64), mx.float32))
+    # Widths the tensor-core kernel's 32-wide chunks do not divide: the vector kernel's rows.
+    assert gemv.covers(mx.zeros((8, 48), mx.bfloat16), mx.zeros((24, 48), mx.bfloat16))
+    assert not gemv.covers(mx.zeros((9, 48), mx.bfloat16), mx.zeros((24, 48), mx.bfloat16))
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("rows", [2, 3, 8, 9, 16, 17, 32])
+@pytest.mark.parametrize("out_features, width", [(4096, 1024), (1030, 3072), (6, 256)])
+@pytest.mark.parametrize("tiles", [None, (2, 2, 4), (1, 1, 2)], ids=["tiles-default", "tiles-2-2-4", "tiles-1-1-2"])
+def test_tensor_core_kernel_matches_the_matmul(dtype, rows, out_features, width, tiles):
+    rng = np.random.default_rng(rows * 7 + width)
+    x = mx.array(rng.standard_normal((rows, 1, width)) / 8, dtype=dtype)
+    weight = mx.array(rng.standard_normal((out_features, width)) / 8, dtype=dtype)
+    bias = mx.array(rng.standard_normal((out_features,)), dtype=dtype)
+    got = gemv.small_batch_linear(x, weight, bias, kernel="tensor", tiles=tiles)
+    with mx.stream(mx.cpu):
+        want = plain_product(x.astype(mx.float32), weight.astype(mx.float32),
+                             bias.astype(mx.float32))
+        mx.eval(want)
+    assert got.shape == (rows, 1, out_features) and got.dtype == dtype
+    assert mx.allclose(got.astype(mx.float32), want, atol=3e-2, rtol=3e-2).item()
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
@@ -115,10 +161,13 @@ def test_kernel_matches_the_matmul(dtype, rows, out_features, width, with_bias):
 
 @pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 32])
 @pytest.mark.parametrize("with_norm, with_residual", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("kernel", ["vector", "tensor"])
 def test_kernel_with_a_norm_and_a_residual_matches_its_reference(dtype, rows, with_norm,
-                                                                with_residual):
+                                                                with_residual, kernel):
+    if kernel == "tensor" and dtype not in gemv.TENSOR_DTYPES:
+        pytest.skip("the tensor-core kernel takes half precision")
     rng = np.random.default_rng(rows)
     width, out_features = 1024, 1030
     x = mx.array(rng.standard_normal((rows, 1, width)), dtype=dtype)
@@ -126,7 +175,9 @@ def test_kernel_with_a_norm_and_a_residual_matches_its_reference(dtype, rows, wi
     norm = (mx.array(1 + rng.standard_normal(width) / 4, dtype=dtype), 1e-5) if with_norm else None
     residual = (mx.array(rng.standard_normal((rows, 1, out_features)), dtype=dtype)
                 if with_residual else None)
-    got = gemv.small_batch_linear(x, weight, None, norm, residual)
+    if kernel == "vector" and rows > gemv.MAX_ROWS:
+        pytest.skip("the vector kernel takes up to MAX_ROWS rows")
+    got = gemv.small_batch_linear(x, weight, None, norm, residual, kernel=kernel)
     with mx.stream(mx.cpu):
         as32 = (lambda a: None if a is None else a.astype(mx.float32))  # noqa: E731
         want = gemv.reference_linear(as32(x), as32(weight), None,

@@ -17,7 +17,8 @@
 | VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE | 0 | 1: the decode attention kernel scores 32 keys at a time per warp, one key per lane (more reads in flight), instead of one key at a time per warp; off by default until its GPU tests and a benchmark have passed |
 | VLLM_METAL_KV_WRITE_IN_PLACE | auto | auto, 1 or 0: compiled decode steps write their keys and values into the pools' own buffers with a kernel and are issued while the step before still runs (a scatter must wait for it, or MLX copies the whole pool); auto: where the fused decode step (`VLLM_METAL_FUSED_DECODE_BLOCK`) runs, whose attention kernel does the write (measured ahead there); 1 also for the other layers' compiled steps on MLX's CUDA build (measured even to 13% behind on the 0.6B shape); 1 elsewhere is refused, and so is 1 with --enforce-eager, LoRA or TP/PP, which run no compiled steps |
 | VLLM_METAL_FUSED_DECODE_BLOCK | auto | auto, 1 or 0: a compiled decode step runs each decoder layer of Llama, Mistral, Qwen2 and Qwen3 models (unquantized, one rank, no LoRA) in six kernels (norm and q/k/v projection; the whole attention with its KV write; output projection and residual; norm and gate/up projection; SwiGLU; down projection and residual) instead of about 25 primitives; auto: on MLX's CUDA build, for the layers it covers; 1 elsewhere, or with a model it does not cover, is refused; 0 keeps mlx-lm's layers |
-| VLLM_METAL_GEMV_KERNEL | auto | auto, 1 or 0: linear layers called with at most 8 rows (decode steps) as one custom matrix-vector kernel (auto: on MLX's CUDA build, where a matmul costs the host four times a custom kernel to issue); 0 keeps MLX's matmul |
+| VLLM_METAL_GEMV_KERNEL | auto | auto, 1 or 0: linear layers called with at most 8 rows (decode steps) as one custom matrix-vector kernel, at most 2 rows for a weight of 16 MiB or more (MLX's matmul reads those faster at more rows); auto: on MLX's CUDA build, where a matmul costs the host four times a custom kernel to issue; 0 keeps MLX's matmul |
+| VLLM_METAL_GEMV_TENSOR_CORES | auto | auto, 1 or 0: linear layers called with 9 to 32 rows (bf16, fp16) of a weight under 16 MiB as one custom tensor-core kernel with the norm, bias and residual folded in, where MLX's norm, matmul and add would run: its device time is behind the matmul's (`benchmarks/linear_kernels.py`), but a small model's step is set by the host's issue, which it cuts (Qwen3-0.6B at batch 32 on an H200: 3.5 against 6.3 ms); auto: on MLX's CUDA build, where `VLLM_METAL_GEMV_KERNEL` is on; 0 keeps MLX's norm, matmul and add |
 | VLLM_METAL_RUNNER_THREAD | 1 | 1 runs a one-process engine's MLX work (model load, each step's forward and sampling) on a thread of its own, so that vLLM's scheduling and output handling overlap MLX's launch of the forward; 0 runs it on the engine's thread |
 | VLLM_METAL_PEER_TIMEOUT | 3 | seconds a rank of a TP/PP engine waits for a silent peer's heartbeat (a stopped or hung process, a link down) before it stops the engine |
 
@@ -167,6 +168,9 @@ _SETTINGS = [
     Setting("VLLM_METAL_GEMV_KERNEL", "auto",
             _choice("VLLM_METAL_GEMV_KERNEL", ("auto", "1", "0")),
             "custom small-batch linear kernel"),
+    Setting("VLLM_METAL_GEMV_TENSOR_CORES", "auto",
+            _choice("VLLM_METAL_GEMV_TENSOR_CORES", ("auto", "1", "0")),
+            "small-batch linear kernel on tensor cores, 9 to 32 rows (CUDA)"),
     Setting("VLLM_METAL_RUNNER_THREAD", "1", _flag("VLLM_METAL_RUNNER_THREAD"),
             "MLX work on a thread of its own"),
     Setting("VLLM_METAL_PEER_TIMEOUT", "3", _seconds("VLLM_METAL_PEER_TIMEOUT"),

@@ -42,8 +42,7 @@ from vllm_metal.attention.dispatch import route_attention
 from vllm_metal.attention.paged import BatchPlan, PagedKVCache
 from vllm_metal.models.adapter import CausalLM
 from vllm_metal.models.fusion import fuse_projections
-from vllm_metal.models.gemv import MAX_ROWS as gemv_max_rows
-from vllm_metal.models.gemv import route_linears
+from vllm_metal.models import gemv
 from vllm_metal.models.loader import load_model, mx_dtype
 from vllm_metal.models.registry import GROUPED_SCORE_MASK
 from vllm_metal.models.windows import layer_windows, use_layer_windows
@@ -148,9 +147,11 @@ class MetalModelRunner:
         use_layer_windows(self.model.backbone, windows)
         self.layer_windows = windows
         self.paged_kernel = route_attention(self.model.model)
-        if route_linears(self.model.model):
-            logger.info("Linear layers at up to %d rows: one matrix-vector kernel each "
-                        "(VLLM_METAL_GEMV_KERNEL=0: MLX's matmul)", gemv_max_rows)
+        if gemv.route_linears(self.model.model):
+            logger.info("Linear layers at up to %d rows: one matrix-vector kernel each%s "
+                        "(VLLM_METAL_GEMV_KERNEL=0: MLX's matmul)", gemv.MAX_ROWS,
+                        f", up to {gemv.TENSOR_MAX_ROWS} in half precision on tensor cores "
+                        "(VLLM_METAL_GEMV_TENSOR_CORES=0: off)" if gemv.tensor_cores() else "")
         if self.paged_kernel:
             logger.info("Decode attention: one kernel per layer reading the paged KV cache "
                         "(VLLM_METAL_PAGED_ATTENTION_KERNEL=0: MLX's attention on the gathered context)")

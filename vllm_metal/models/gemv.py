@@ -27,8 +27,22 @@ from vllm_metal.attention.decode_kernel import constant
 from vllm_metal.device import cuda_feature
 
 WARPS = 4
-MAX_ROWS = 8
+MAX_ROWS = 8  # the vector kernel's
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+# A weight of at least LARGE_WEIGHT bytes is read faster by MLX's matmul at more than
+# LARGE_WEIGHT_ROWS rows (H200, benchmarks/linear_kernels.py: Llama-3-8B's products at
+# 8 rows 202 us a layer against the vector kernel's 280, the down projection 59 against
+# 120); the step of a model that large is set by the device, so the matmul's dearer
+# issue is hidden. A smaller model's step is set by the host, where one kernel with
+# the norm and residual folded in is the cheaper to issue.
+LARGE_WEIGHT = 16 * 1024**2
+LARGE_WEIGHT_ROWS = 2
+# The tensor-core kernel (VLLM_METAL_GEMV_TENSOR_CORES): the rows it takes above the
+# vector kernel's, its float types, and (groups of 8 weight rows a block, 32-wide
+# chunks a warp loads at once, warps a block splitting the width).
+TENSOR_MAX_ROWS = 32
+TENSOR_DTYPES = (mx.bfloat16, mx.float16)
+TENSOR_TILES = (1, 4, 8)
 
 _SOURCE = """
     constexpr int VEC = 16 / sizeof(T);
@@ -96,18 +110,164 @@ _SOURCE = """
 """
 
 
+# The same product on tensor cores, for up to ``TENSOR_MAX_ROWS`` rows (bf16, fp16): a block's
+# KSPLIT warps share NT groups of 8 weight rows and split the width between them.
+# In each 32-wide chunk of the width a lane loads 16 bytes of one weight row and of
+# one or two activation rows (rows g and g + 8 of each 16-row tile, g = lane / 4).
+# An mma (m16n8k16) sums over 16 positions of the width in any order as long as both
+# operands agree, so the lane's 8 loaded positions feed two mma's as they lie: the
+# fragment's positions 2q, 2q+1, 2q+8, 2q+9 (q = lane % 4) are loaded ones 0-3, then
+# 4-7. Partial sums meet in shared memory, where the norm's scale, the bias and the
+# residual are applied.
+_MMA_SOURCE = """
+    const int N = w_shape[0];
+    const int K = w_shape[1];
+    // Rows from the input's shape, not a template constant: prefill chunks of any
+    // 9 to 32 rows share one compiled kernel per tile count (MT).
+    int M = 1;
+    for (int i = 0; i < x_ndim - 1; ++i) M *= x_shape[i];
+    const int chunks = K / 32;
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+    const int g = lane / 4;
+    const int q = lane % 4;
+    const int n0 = blockIdx.x * (8 * NT);
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+
+    float acc[MT][NT][4];
+    float squares[MT][2];
+    for (int t = 0; t < MT; ++t) {
+        squares[t][0] = squares[t][1] = 0.f;
+        for (int s = 0; s < NT; ++s)
+            for (int i = 0; i < 4; ++i) acc[t][s][i] = 0.f;
+    }
+    for (int first = warp * U; first < chunks; first += KSPLIT * U) {
+        uint4 wv[U][NT];
+        uint4 xv[U][MT][2];
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const bool in_width = first + u < chunks;
+            const long k = (long)(first + u) * 32 + q * 8;
+            #pragma unroll
+            for (int s = 0; s < NT; ++s) {
+                const int n = min(n0 + s * 8 + g, N - 1);  // past N: read again, never stored
+                wv[u][s] = in_width ? *reinterpret_cast<const uint4*>(w + (long)n * K + k) : zero;
+            }
+            #pragma unroll
+            for (int t = 0; t < MT; ++t)
+                #pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int m = t * 16 + h * 8 + g;
+                    xv[u][t][h] = in_width && m < M
+                        ? *reinterpret_cast<const uint4*>(x + (long)m * K + k) : zero;
+                }
+        }
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (NORM && first + u < chunks) {
+                const long k = (long)(first + u) * 32 + q * 8;
+                const uint4 gamma = *reinterpret_cast<const uint4*>(norm_weight + k);
+                const T* gv = reinterpret_cast<const T*>(&gamma);
+                for (int t = 0; t < MT; ++t)
+                    for (int h = 0; h < 2; ++h) {
+                        T* xs = reinterpret_cast<T*>(&xv[u][t][h]);
+                        for (int i = 0; i < 8; ++i) {
+                            const float v = static_cast<float>(xs[i]);
+                            squares[t][h] += v * v;
+                            xs[i] = static_cast<T>(v * static_cast<float>(gv[i]));
+                        }
+                    }
+            }
+            #pragma unroll
+            for (int t = 0; t < MT; ++t)
+                #pragma unroll
+                for (int s = 0; s < NT; ++s)
+                    #pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const unsigned* a0 = reinterpret_cast<const unsigned*>(&xv[u][t][0]) + 2 * half;
+                        const unsigned* a1 = reinterpret_cast<const unsigned*>(&xv[u][t][1]) + 2 * half;
+                        const unsigned* b = reinterpret_cast<const unsigned*>(&wv[u][s]) + 2 * half;
+                        float* d = acc[t][s];
+                        if (F16) {
+                            asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                                "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                                : "r"(a0[0]), "r"(a1[0]), "r"(a0[1]), "r"(a1[1]), "r"(b[0]), "r"(b[1]));
+                        } else {
+                            asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                                "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                                : "r"(a0[0]), "r"(a1[0]), "r"(a0[1]), "r"(a1[1]), "r"(b[0]), "r"(b[1]));
+                        }
+                    }
+        }
+    }
+
+    // Each warp's partial sums (lane holds rows g and g + 8 of each tile, columns
+    // 2q and 2q + 1 of each group of 8), then one output per thread.
+    __shared__ float partial[KSPLIT][MT * 16][NT * 8];
+    __shared__ float sums[KSPLIT][MT * 16];
+    for (int t = 0; t < MT; ++t) {
+        for (int s = 0; s < NT; ++s)
+            for (int i = 0; i < 4; ++i)
+                partial[warp][t * 16 + g + 8 * (i / 2)][s * 8 + 2 * q + i % 2] = acc[t][s][i];
+        for (int h = 0; h < 2; ++h) {
+            float total = squares[t][h];
+            total += __shfl_xor_sync(0xffffffff, total, 1);
+            total += __shfl_xor_sync(0xffffffff, total, 2);
+            if (q == 0) sums[warp][t * 16 + h * 8 + g] = total;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < M * NT * 8; i += KSPLIT * 32) {
+        const int m = i / (NT * 8);
+        const int col = i % (NT * 8);
+        const int n = n0 + col;
+        if (n >= N) continue;
+        float s = 0.f;
+        float total = 0.f;
+        for (int v = 0; v < KSPLIT; ++v) {
+            s += partial[v][m][col];
+            total += sums[v][m];
+        }
+        if (NORM) s *= rsqrtf(total / K + eps[0]);
+        if (BIAS) s += static_cast<float>(bias[n]);
+        if (RESIDUAL) s += static_cast<float>(residual[(long)m * N + n]);
+        out[(long)m * N + n] = static_cast<T>(s);
+    }
+"""
+
+
 def available() -> bool:
     return cuda_feature("VLLM_METAL_GEMV_KERNEL", envs.VLLM_METAL_GEMV_KERNEL)
 
 
+def tensor_cores() -> bool:
+    """Whether calls of more than ``MAX_ROWS`` rows take the tensor-core kernel
+    (``VLLM_METAL_GEMV_TENSOR_CORES``)."""
+    return cuda_feature("VLLM_METAL_GEMV_TENSOR_CORES", envs.VLLM_METAL_GEMV_TENSOR_CORES)
+
+
+def _takes_tensor_cores(rows: int, weight: mx.array) -> bool:
+    return (MAX_ROWS < rows <= TENSOR_MAX_ROWS and weight.dtype in TENSOR_DTYPES
+            and weight.shape[1] % 32 == 0 and tensor_cores())
+
+
 def covers(x: mx.array, weight: mx.array) -> bool:
-    """Calls the kernel handles: 1 to ``MAX_ROWS`` rows of activations, the input
-    and the weight in one float type, rows a whole number of 16-byte loads."""
+    """Calls the kernels take: the input and the weight in one float type, rows a
+    whole number of 16-byte loads; 1 to ``MAX_ROWS`` rows of activations (up to
+    ``LARGE_WEIGHT_ROWS`` of a ``LARGE_WEIGHT``), or up to ``TENSOR_MAX_ROWS`` where
+    the tensor-core kernel takes them."""
     if weight.ndim != 2 or x.ndim == 0 or weight.dtype not in DTYPES or x.dtype != weight.dtype:
         return False
     width = weight.shape[1]
     per_load = 16 // weight.dtype.size
-    return x.shape[-1] == width and width % per_load == 0 and 1 <= x.size // width <= MAX_ROWS
+    if x.shape[-1] != width or width % per_load:
+        return False
+    rows = x.size // width
+    if rows > LARGE_WEIGHT_ROWS and weight.nbytes >= LARGE_WEIGHT:
+        return False
+    return 1 <= rows <= MAX_ROWS or _takes_tensor_cores(rows, weight)
 
 
 @functools.cache
@@ -122,12 +282,23 @@ def _kernel():
 
 
 @functools.cache
+def _tensor_kernel():
+    return mx.fast.cuda_kernel(
+        name="vllm_metal_small_batch_linear_mma",
+        input_names=["x", "w", "bias", "norm_weight", "eps", "residual"],
+        output_names=["out"],
+        source=_MMA_SOURCE,
+        ensure_row_contiguous=True,
+    )
+
+
+@functools.cache
 def _unused(dtype) -> mx.array:
     return mx.zeros((8,), dtype=dtype)  # a 16-byte load's worth of an input not used
 
 
 
-def _rows_per_warp(rows: int) -> int:
+def rows_per_warp(rows: int) -> int:
     """Weight rows each warp reads: each activation row loaded then serves that
     many weight rows. With several activation rows, one weight row a warp would
     load them from cache as often as the weights from memory, and the cache's
@@ -138,31 +309,43 @@ def _rows_per_warp(rows: int) -> int:
 
 def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
                        norm: tuple[mx.array, float] | None = None,
-                       residual: mx.array | None = None) -> mx.array:
-    """``x @ weight.T + bias`` for ``x`` [..., K] of at most ``MAX_ROWS`` rows and
-    ``weight`` [N, K] (``covers``). ``norm``: (weight [K], eps) of an RMS norm
-    applied to ``x`` first; ``residual`` [..., N]: added to the result."""
+                       residual: mx.array | None = None,
+                       per_warp: int | None = None, kernel: str | None = None,
+                       tiles: tuple[int, int, int] | None = None) -> mx.array:
+    """``x @ weight.T + bias`` for ``x`` [..., K] and ``weight`` [N, K] (``covers``).
+    ``norm``: (weight [K], eps) of an RMS norm applied to ``x`` first; ``residual``
+    [..., N]: added to the result. ``kernel`` ("vector" or "tensor"), ``per_warp``
+    (the vector kernel's weight rows a warp) and ``tiles`` (``TENSOR_TILES``) stand in
+    for the choices made here (``benchmarks/linear_kernels.py`` compares them)."""
     out_features, width = weight.shape
     rows = x.size // width
-    threads = 32 * WARPS
-    per_warp = _rows_per_warp(rows)
-    blocks = -(-out_features // (WARPS * per_warp))
+    if kernel is None:
+        kernel = "tensor" if _takes_tensor_cores(rows, weight) else "vector"
     unused = _unused(x.dtype)
-    # The kernel reads ``x`` as rows of ``width`` and writes rows of ``out_features``,
+    # The kernels read ``x`` as rows of ``width`` and write rows of ``out_features``,
     # whatever the leading axes: no reshapes (each a primitive the host issues).
-    return _kernel()(
-        inputs=[x, weight, bias if bias is not None else unused,
-                norm[0] if norm is not None else unused,
-                constant(norm[1] if norm is not None else 0.0),
-                residual if residual is not None else unused],
-        template=[("T", weight.dtype), ("M", rows), ("R", per_warp), ("BIAS", bias is not None),
-                  ("NORM", norm is not None), ("RESIDUAL", residual is not None),
-                  ("WARPS", WARPS)],
-        grid=(blocks * threads, 1, 1),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[(*x.shape[:-1], out_features)],
-        output_dtypes=[x.dtype],
-    )[0]
+    inputs = [x, weight, bias if bias is not None else unused,
+              norm[0] if norm is not None else unused,
+              constant(norm[1] if norm is not None else 0.0),
+              residual if residual is not None else unused]
+    options = [("T", weight.dtype), ("BIAS", bias is not None),
+               ("NORM", norm is not None), ("RESIDUAL", residual is not None)]
+    if kernel == "tensor":
+        groups, unroll, split = tiles or TENSOR_TILES
+        threads = 32 * split
+        blocks = -(-out_features // (8 * groups))
+        launch = _tensor_kernel()
+        options += [("MT", -(-rows // 16)), ("NT", groups), ("U", unroll), ("KSPLIT", split),
+                    ("F16", weight.dtype == mx.float16)]
+    else:
+        per_warp = per_warp or rows_per_warp(rows)
+        threads = 32 * WARPS
+        blocks = -(-out_features // (WARPS * per_warp))
+        launch = _kernel()
+        options += [("M", rows), ("R", per_warp), ("WARPS", WARPS)]
+    return launch(inputs=inputs, template=options, grid=(blocks * threads, 1, 1),
+                  threadgroup=(threads, 1, 1), output_shapes=[(*x.shape[:-1], out_features)],
+                  output_dtypes=[x.dtype])[0]
 
 
 def reference_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
@@ -199,7 +382,11 @@ class SmallBatchEmbedding(nn.Embedding):
 
 def route_linears(model: nn.Module) -> int:
     """Turn every plain ``nn.Linear`` of ``model`` into a ``SmallBatchLinear`` where
-    the kernel is available; returns how many."""
+    the kernel is available; returns how many. Settings that cannot be honoured
+    stop startup here."""
+    if tensor_cores() and envs.VLLM_METAL_GEMV_TENSOR_CORES == "1" and not available():
+        raise RuntimeError("VLLM_METAL_GEMV_TENSOR_CORES=1 runs the custom linear kernel, which "
+                           "VLLM_METAL_GEMV_KERNEL=0 turns off: unset one of them")
     if not available():
         return 0
     routed = 0
