@@ -5,14 +5,18 @@ records (``device_profile.profile``).
 Kernels: the fused decode step's attention (``attention/fused_decode``, writing
 in place and handing keys back), and the paged decode kernel
 (``attention/decode_kernel``) with a key per warp and a key per lane. Each runs
-alone on random data at every batch and context given; per launch, the median
-of ``--steps`` launches' summed kernel time.
+alone on random data at every batch and context given, ``--layers`` times a
+step on as many distinct caches (as a model's layers: one launch alone leaves the
+device idle between steps, where it runs slower, and one cache would be read from
+the device's cache); per launch, the kernels' summed time over ``--steps`` steps
+divided by the launches (the additions that join a step's outputs left out).
 
     python -m benchmarks.attention_kernels [--heads 32 8 128] [--batch 1 8]
-        [--context 128 1024] [--steps 50] [--out DIR]
+        [--context 128 1024] [--layers 32] [--steps 20] [--out DIR]
 """
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -44,53 +48,69 @@ def paged_case(batch: int, heads: int, kv_heads: int, head_dim: int, context: in
             mx.array(rows.astype(np.int32)))
 
 
-def kernel_steps(batch: int, heads: int, kv_heads: int, head_dim: int, context: int) -> dict:
-    """Each kernel as a function that launches it once and returns its output (the
-    project's kernels on MLX's CUDA build only)."""
+def kernel_steps(batch: int, heads: int, kv_heads: int, head_dim: int, context: int,
+                 layers: int) -> dict:
+    """Each kernel as a function that launches it once per layer and returns the
+    outputs' sum (the project's kernels on MLX's CUDA build only)."""
     import mlx.core as mx
 
     from vllm_metal.attention import decode_kernel, fused_decode
     from vllm_metal.device import on_cuda
 
-    qkv, pool, positions, write_rows, read_rows = paged_case(batch, heads, kv_heads, head_dim,
-                                                             context)
     inv_freq = mx.array(10000.0 ** (-np.arange(0, head_dim, 2) / head_dim), dtype=mx.float32)
     norm = mx.ones((head_dim,), mx.bfloat16)
     scale = head_dim ** -0.5
-    queries = qkv[..., :heads * head_dim].reshape(batch, 1, heads, head_dim).transpose(0, 2, 1, 3)
-    queries = mx.contiguous(queries)
-    keys = mx.random.normal((batch, kv_heads, context, head_dim)).astype(mx.bfloat16)
-    values = mx.random.normal((batch, kv_heads, context, head_dim)).astype(mx.bfloat16)
-    mx.eval(qkv, pool, positions, write_rows, read_rows, queries, keys, values)
+    cases = []
+    for layer in range(layers):
+        qkv, pool, positions, write_rows, read_rows = paged_case(batch, heads, kv_heads, head_dim,
+                                                                 context, seed=layer)
+        queries = qkv[..., :heads * head_dim].reshape(batch, 1, heads, head_dim)
+        queries = mx.contiguous(queries.transpose(0, 2, 1, 3))
+        keys = mx.random.normal((batch, kv_heads, context, head_dim)).astype(mx.bfloat16)
+        values = mx.random.normal((batch, kv_heads, context, head_dim)).astype(mx.bfloat16)
+        mx.eval(qkv, pool, positions, write_rows, read_rows, queries, keys, values)
+        cases.append((qkv, pool, positions, write_rows, read_rows, queries, keys, values))
+
+    def summed(launch):
+        return lambda: functools.reduce(mx.add, [launch(*case) for case in cases])
 
     def fused(write: bool):
-        def step():
+        def launch(qkv, pool, positions, write_rows, read_rows, *_):
             out = fused_decode.fused_decode_attention(
                 qkv, pool, positions, write_rows, read_rows, heads, kv_heads, scale, inv_freq,
                 False, norm, norm, 1e-6, write=write)
             return out if write else out[0]
-        return step
+        return summed(launch)
 
     def paged(key_per_lane: bool):
-        return lambda: decode_kernel.paged_decode_attention(
-            queries, pool, read_rows, positions, scale, key_per_lane=key_per_lane)
+        return summed(lambda qkv, pool, positions, write_rows, read_rows, queries, *_:
+                      decode_kernel.paged_decode_attention(queries, pool, read_rows, positions,
+                                                           scale, key_per_lane=key_per_lane))
 
-    steps = {"mlx sdpa, dense": lambda: mx.fast.scaled_dot_product_attention(
-        queries, keys, values, scale=scale)}
+    steps = {"mlx sdpa, dense": summed(
+        lambda *case: mx.fast.scaled_dot_product_attention(case[5], case[6], case[7], scale=scale))}
     if on_cuda():
         steps.update({"fused, in place": fused(True), "fused, handed back": fused(False),
                       "paged, key per warp": paged(False), "paged, key per lane": paged(True)})
     return steps
 
 
-def measure(batch: int, heads: int, kv_heads: int, head_dim: int, context: int,
+# Kernels a step runs besides the attention (the additions joining its outputs).
+NOT_ATTENTION = ("binary", "copy", "concat")
+
+
+def measure(batch: int, heads: int, kv_heads: int, head_dim: int, context: int, layers: int,
             steps: int) -> list[dict]:
     rows = []
-    for name, step in kernel_steps(batch, heads, kv_heads, head_dim, context).items():
-        result = profile(step, steps, pipelined=True, top=3)
-        rows.append({"kernel": name, "batch": batch, "context": context,
-                     "us_per_launch": round(1e3 * result.get("kernel_ms", float("nan")), 2),
-                     "kernels_per_launch": result.get("kernels_per_step"),
+    for name, step in kernel_steps(batch, heads, kv_heads, head_dim, context, layers).items():
+        result = profile(step, steps, pipelined=True, top=6)
+        attention = [k for k in result.get("top", [])
+                     if not any(word in k["name"].lower() for word in NOT_ATTENTION)]
+        us = (1e3 * sum(k["ms"] for k in attention) / layers) if "top" in result else float("nan")
+        rows.append({"kernel": name, "batch": batch, "context": context, "layers": layers,
+                     "us_per_launch": round(us, 2),
+                     "kernels_per_launch": round(sum(k["per_step"] for k in attention) / layers, 2)
+                     if attention else None,
                      "top": result.get("top", result.get("note"))})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -112,14 +132,15 @@ def main() -> None:
                         metavar=("QUERY", "KV", "SIZE"))
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--context", type=int, nargs="+", default=[128, 1024])
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from vllm_metal.device import select_device
 
     select_device()
     rows = [row for batch in args.batch for context in args.context
-            for row in measure(batch, *args.heads, context, args.steps)]
+            for row in measure(batch, *args.heads, context, args.layers, args.steps)]
     print(table(rows, tuple(args.heads)))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

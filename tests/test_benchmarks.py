@@ -137,7 +137,7 @@ def test_attention_kernels_writes_its_table(tmp_path):
     from vllm_metal.device import on_cuda
 
     done = subprocess.run([sys.executable, "-m", "benchmarks.attention_kernels", "--heads", "4", "2",
-                           "64", "--batch", "1", "--context", "40", "--steps", "2",
+                           "64", "--batch", "1", "--context", "40", "--layers", "2", "--steps", "2",
                            "--out", str(tmp_path)],
                           cwd=REPO, env=dict(os.environ), capture_output=True, text=True,
                           timeout=300)
