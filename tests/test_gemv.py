@@ -95,6 +95,19 @@ def test_tensor_cores_asked_for_where_they_cannot_run_stop_startup(monkeypatch):
         gemv.route_linears(model)
 
 
+def test_tensor_cores_need_compute_capability_8(monkeypatch):
+    """Their bf16 mma does not exist before the A100: auto leaves them off there, 1 is refused."""
+    monkeypatch.setattr(gemv, "cuda_feature", lambda setting, choice: choice != "0")
+    monkeypatch.setattr(gemv, "_compute_capability", lambda: 7)
+    monkeypatch.setenv("VLLM_METAL_GEMV_TENSOR_CORES", "auto")
+    assert not gemv.tensor_cores()
+    monkeypatch.setenv("VLLM_METAL_GEMV_TENSOR_CORES", "1")
+    with pytest.raises(RuntimeError, match="compute capability 8.0 or later; this one is 7.x"):
+        gemv.tensor_cores()
+    monkeypatch.setattr(gemv, "_compute_capability", lambda: 9)
+    assert gemv.tensor_cores()
+
+
 def test_covers_few_rows_of_the_weight_type_only(monkeypatch):
     monkeypatch.setattr(gemv, "tensor_cores", lambda: False)
     weight = mx.zeros((24, 64), mx.bfloat16)

@@ -244,8 +244,24 @@ def available() -> bool:
 
 def tensor_cores() -> bool:
     """Whether calls of more than ``MAX_ROWS`` rows take the tensor-core kernel
-    (``VLLM_METAL_GEMV_TENSOR_CORES``)."""
-    return cuda_feature("VLLM_METAL_GEMV_TENSOR_CORES", envs.VLLM_METAL_GEMV_TENSOR_CORES)
+    (``VLLM_METAL_GEMV_TENSOR_CORES``): its bf16 and fp16 mma needs compute
+    capability 8.0 or later (an A100, an H100); set to 1 on an older GPU, startup stops."""
+    choice = envs.VLLM_METAL_GEMV_TENSOR_CORES
+    if not cuda_feature("VLLM_METAL_GEMV_TENSOR_CORES", choice):
+        return False
+    major = _compute_capability()
+    if major >= 8:
+        return True
+    if choice == "1":
+        raise RuntimeError(f"VLLM_METAL_GEMV_TENSOR_CORES=1 needs an NVIDIA GPU of compute "
+                           f"capability 8.0 or later; this one is {major}.x: unset it")
+    return False
+
+
+@functools.cache
+def _compute_capability() -> int:
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    return int(info.get("compute_capability_major", 0))
 
 
 def _takes_tensor_cores(rows: int, weight: mx.array) -> bool:
