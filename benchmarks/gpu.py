@@ -9,8 +9,9 @@ loop, the plugin's offline ``LLM.generate`` and mlx-lm again (A B A: the
 machine drifts), at each batch size; the plugin with asynchronous scheduling
 off and with ``--enforce-eager`` as well (each feature's share); the bandwidth limit (weight bytes over the
 measured copy rate); the plugin's host time per step from VLLM_METAL_DEBUG's
-step lines. Then ``vllm serve`` against ``mlx_lm.server`` through
-``vllm bench serve`` at several concurrencies. Writes ``benchmarks/results/gpu.md``,
+step lines. Then, for each shape, ``vllm serve`` against ``mlx_lm.server`` through
+``vllm bench serve`` at several concurrencies (mlx_lm.server, vllm serve,
+mlx_lm.server again). Writes ``benchmarks/results/gpu.md``,
 ``gpu.json`` and ``gpu.png``.
 """
 
@@ -245,7 +246,14 @@ def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float,
 
 # ---------------------------------------------------------------- online
 
-def online(model_dir: Path, logs: Path) -> list[dict]:
+# mlx_lm.server, the plugin's server, mlx_lm.server again (A B A: the machine drifts).
+ONLINE_ROUNDS = (("mlx_lm.server", "mlx_lm_a"), ("vllm serve", "plugin"),
+                 ("mlx_lm.server", "mlx_lm_b"))
+
+
+def online(shape: str, model_dir: Path, logs: Path) -> list[dict]:
+    """Per concurrency: output tok/s of each round, the plugin's over the mean of
+    mlx_lm.server's two, and both servers' latencies."""
     from benchmarks import serving
     from benchmarks.scales import SCALES
 
@@ -253,13 +261,32 @@ def online(model_dir: Path, logs: Path) -> list[dict]:
         SCALES["smoke"], name="gpu", serve_concurrencies=CONCURRENCIES, serve_prompt_len=PROMPT_LEN,
         serve_output_len=NEW_TOKENS, serve_prompts_per_client=2, kv_cache_bytes=KV_CACHE_BYTES,
         max_model_len=1024, timeout_s=420)
+    runs = [("serving", {"concurrency": c}, serving.concurrency_args(scale, c))
+            for c in scale.serve_concurrencies]
+    rounds = {}
+    for engine, name in ONLINE_ROUNDS:
+        folder = logs / f"online-{shape}-{name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = serving.run_session(serving.Session(engine, True, runs), scale, model_dir,
+                                   "bfloat16", folder)
+        rounds[name] = {row["concurrency"]: row for row in rows}
+        print(json.dumps({"shape": shape, "round": name,
+                          "tok_s": {c: r.get("output_tok_s") for c, r in rounds[name].items()}}),
+              flush=True)
     rows = []
-    for engine in ("vllm serve", "mlx_lm.server"):
-        runs = [("serving", {"concurrency": c}, serving.concurrency_args(scale, c))
-                for c in scale.serve_concurrencies]
-        session = serving.Session(engine, True, runs)
-        rows += serving.run_session(session, scale, model_dir, "bfloat16", logs)
-        print(json.dumps(rows[-1]), flush=True)
+    for concurrency in scale.serve_concurrencies:
+        got = {name: rounds[name].get(concurrency, {}) for _, name in ONLINE_ROUNDS}
+        row = {"shape": shape, "concurrency": concurrency,
+               **{name: r.get("output_tok_s") for name, r in got.items()},
+               "status": "; ".join(f"{name} {r.get('status')}" for name, r in got.items()
+                                   if r.get("status") != "ok")}
+        for key in ("ttft_p50_ms", "itl_p50_ms", "itl_p99_ms"):
+            row[f"plugin_{key}"] = got["plugin"].get(key)
+            row[f"mlx_lm_{key}"] = got["mlx_lm_a"].get(key)
+        baseline = [v for v in (row["mlx_lm_a"], row["mlx_lm_b"]) if v]
+        row["ratio"] = (round(row["plugin"] / statistics.mean(baseline), 3)
+                        if row["plugin"] and baseline else None)
+        rows.append(row)
     return rows
 
 
@@ -302,13 +329,19 @@ def report(result: dict) -> str:
                 parts = ", ".join(f"{k} {v}" for k, v in r[key].items())
                 lines.append(f"| {r['shape']} | {r['batch']} | {name} | {parts} |")
     if result.get("online"):
-        lines += ["", f"## Online, `vllm bench serve` ({result['online_shape']})", "",
-                  "| engine | concurrency | output tok/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms | status |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "## Online, `vllm bench serve` against each server (output tok/s; "
+                  "mlx_lm.server, vllm serve, mlx_lm.server again)", "",
+                  "| shape | concurrency | mlx_lm.server (A / A') | vllm serve | ratio | "
+                  "TTFT p50 ms (plugin / mlx-lm) | ITL p50 ms | ITL p99 ms | status |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in result["online"]:
-            lines.append(f"| {r['engine']} | {r.get('concurrency')} | {fmt(r.get('output_tok_s'))} | "
-                         f"{fmt(r.get('ttft_p50_ms'))} | {fmt(r.get('itl_p50_ms'), 1)} | "
-                         f"{fmt(r.get('itl_p99_ms'), 1)} | {r.get('status')} |")
+            lines.append(
+                f"| {r['shape']} | {r['concurrency']} | {fmt(r['mlx_lm_a'])} / {fmt(r['mlx_lm_b'])} | "
+                f"{fmt(r['plugin'])} | {fmt(r['ratio'], 2)} | "
+                f"{fmt(r['plugin_ttft_p50_ms'])} / {fmt(r['mlx_lm_ttft_p50_ms'])} | "
+                f"{fmt(r['plugin_itl_p50_ms'], 1)} / {fmt(r['mlx_lm_itl_p50_ms'], 1)} | "
+                f"{fmt(r['plugin_itl_p99_ms'], 1)} / {fmt(r['mlx_lm_itl_p99_ms'], 1)} | "
+                f"{r['status'] or 'ok'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -364,9 +397,9 @@ def main() -> None:
                                          args.variants or ["sync", "eager"],
                                          args.variants is not None)
             save(result, args.out, started)  # a run cut short keeps what it measured
-    if "online" in args.parts:
-        result["online_shape"] = args.shapes[0]
-        result["online"] = online(write_model(args.shapes[0], args.models), logs)
+        if "online" in args.parts:
+            result["online"] += online(shape, model_dir, logs)
+            save(result, args.out, started)
     save(result, args.out, started)
     print(report(result))
 

@@ -170,3 +170,23 @@ def test_linear_kernels_writes_its_table(tmp_path):
     if on_cuda():
         assert all(row["us"] > 0 for row in rows)
     assert (tmp_path / "linear_kernels.md").read_text().count("| qwen3-0.6b | down | 2 |") == 1
+
+
+@pytest.mark.slow  # three servers on the tiny shape (about 3 minutes): CI's time budget
+def test_gpu_benchmarks_online_part_brackets_the_plugin_between_mlx_lm_runs(tmp_path):
+    """``benchmarks.gpu --parts online`` on any machine: mlx_lm.server, vllm serve,
+    mlx_lm.server again at each concurrency, and the plugin's ratio to their mean."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--shapes", "tiny", "--parts",
+                           "online", "--models", str(tmp_path / "models"), "--out", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu.json").read_text())["online"]
+    assert [r["concurrency"] for r in rows] == [1, 8, 32]
+    for r in rows:
+        assert not r["status"], r
+        assert r["plugin"] > 0 and r["mlx_lm_a"] > 0 and r["mlx_lm_b"] > 0
+        assert r["ratio"] == pytest.approx(r["plugin"] / ((r["mlx_lm_a"] + r["mlx_lm_b"]) / 2),
+                                           rel=1e-2)
+    table = table_rows((tmp_path / "gpu.md").read_text(), "Online")
+    assert len(table) == 3 and all(is_number(row[4]) for row in table), table
