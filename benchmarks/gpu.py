@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu                          # everything below (about 10 min on an H200)
     python -m benchmarks.gpu --parts offline          # about 4 min
-    python -m benchmarks.gpu --parts online --out DIR # about 5 min
+    python -m benchmarks.gpu --parts online --out DIR # three server starts a shape
 
 For each model shape (random bf16 weights, written here): mlx-lm's plain decode
 loop, the plugin's offline ``LLM.generate`` and mlx-lm again (A B A: the
