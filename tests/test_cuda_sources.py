@@ -118,7 +118,6 @@ def recorded_calls(monkeypatch) -> list[dict]:
     recorder = Recorder()
     monkeypatch.setattr(mx.fast, "cuda_kernel", recorder, raising=False)
     kernels = (decode_kernel._kernel, decode_kernel._write_kernel, gemv._kernel,
-               gemv._tensor_kernel,
                fused_decode._kernel, decode_block._swiglu_kernel)
     for cached in kernels:
         cached.cache_clear()

@@ -287,23 +287,13 @@ def covers(x: mx.array, weight: mx.array) -> bool:
 
 
 @functools.cache
-def _kernel():
+def _kernel(tensor_cores: bool = False):
+    """The vector kernel, or the tensor-core one: the same inputs and output."""
     return mx.fast.cuda_kernel(
-        name="vllm_metal_small_batch_linear",
+        name="vllm_metal_small_batch_linear" + ("_mma" if tensor_cores else ""),
         input_names=["x", "w", "bias", "norm_weight", "eps", "residual"],
         output_names=["out"],
-        source=_SOURCE,
-        ensure_row_contiguous=True,
-    )
-
-
-@functools.cache
-def _tensor_kernel():
-    return mx.fast.cuda_kernel(
-        name="vllm_metal_small_batch_linear_mma",
-        input_names=["x", "w", "bias", "norm_weight", "eps", "residual"],
-        output_names=["out"],
-        source=_MMA_SOURCE,
+        source=_MMA_SOURCE if tensor_cores else _SOURCE,
         ensure_row_contiguous=True,
     )
 
@@ -350,7 +340,7 @@ def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = No
         groups, unroll, split = tiles or TENSOR_TILES
         threads = 32 * split
         blocks = -(-out_features // (8 * groups))
-        launch = _tensor_kernel()
+        launch = _kernel(tensor_cores=True)
         options += [("MT", -(-rows // 16)), ("NT", groups), ("U", unroll), ("KSPLIT", split),
                     ("F16", weight.dtype == mx.float16)]
     else:
