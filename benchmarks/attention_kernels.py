@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.device_profile import profile
+from benchmarks.device_profile import kernels_ms, profile, write_results
 
 
 def paged_case(batch: int, heads: int, kv_heads: int, head_dim: int, context: int,
@@ -95,22 +95,14 @@ def kernel_steps(batch: int, heads: int, kv_heads: int, head_dim: int, context: 
     return steps
 
 
-# Kernels a step runs besides the attention (the additions joining its outputs).
-NOT_ATTENTION = ("binary", "copy", "concat")
-
-
 def measure(batch: int, heads: int, kv_heads: int, head_dim: int, context: int, layers: int,
             steps: int) -> list[dict]:
     rows = []
     for name, step in kernel_steps(batch, heads, kv_heads, head_dim, context, layers).items():
         result = profile(step, steps, pipelined=True, top=6)
-        attention = [k for k in result.get("top", [])
-                     if not any(word in k["name"].lower() for word in NOT_ATTENTION)]
-        us = (1e3 * sum(k["ms"] for k in attention) / layers) if "top" in result else float("nan")
+        ms, kernels = kernels_ms(result, layers)  # the additions joining outputs left out
         rows.append({"kernel": name, "batch": batch, "context": context, "layers": layers,
-                     "us_per_launch": round(us, 2),
-                     "kernels_per_launch": round(sum(k["per_step"] for k in attention) / layers, 2)
-                     if attention else None,
+                     "us_per_launch": round(1e3 * ms, 2), "kernels_per_launch": kernels,
                      "top": result.get("top", result.get("note"))})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -142,10 +134,7 @@ def main() -> None:
     rows = [row for batch in args.batch for context in args.context
             for row in measure(batch, *args.heads, context, args.layers, args.steps)]
     print(table(rows, tuple(args.heads)))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "attention_kernels.json").write_text(json.dumps(rows, indent=1))
-        (args.out / "attention_kernels.md").write_text(table(rows, tuple(args.heads)))
+    write_results(args.out, "attention_kernels", rows, table(rows, tuple(args.heads)))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,29 @@ def summarize(events: list[dict], steps: int, wall_s: float, top: int) -> dict:
     return result
 
 
+# Kernels that join a measured step's outputs (additions, copies), not what it measures.
+JOINING = ("binary", "concat", "copy")
+
+
+def kernels_ms(result: dict, launches: int) -> tuple[float, float | None]:
+    """A ``profile`` result's time (ms) and kernels per launch, of its top kernels
+    but those in ``JOINING``, over ``launches`` per step (nan, None without CUDA)."""
+    if "top" not in result:
+        return float("nan"), None
+    kept = [k for k in result["top"] if not any(word in k["name"].lower() for word in JOINING)]
+    return (sum(k["ms"] for k in kept) / launches,
+            round(sum(k["per_step"] for k in kept) / launches, 2) if kept else None)
+
+
+def write_results(out: Path | None, name: str, rows: list, markdown: str) -> None:
+    """``name``.json and ``name``.md in ``out`` (nothing where it is None)."""
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{name}.md").write_text(markdown)
+
+
 def profile(step, steps: int, pipelined: bool, top: int) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -131,10 +154,7 @@ def main() -> None:
         results.append(measure(args.model, batch, args.steps, args.top))
         print(json.dumps(results[-1]), flush=True)
     print(table(results))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "device_profile.json").write_text(json.dumps(results, indent=1))
-        (args.out / "device_profile.md").write_text(table(results))
+    write_results(args.out, "device_profile", results, table(results))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import functools
 import json
 from pathlib import Path
 
-from benchmarks.device_profile import profile
+from benchmarks.device_profile import kernels_ms, profile, write_results
 
 # The fused decode step's four products per layer: (name, out features, in features).
 SHAPES = {
@@ -28,10 +28,9 @@ SHAPES = {
     "qwen3-0.6b": [("qkv", 4096, 1024), ("o", 1024, 2048), ("gate_up", 6144, 1024),
                    ("down", 1024, 3072)],
 }
-# Kernels a step runs besides the products (the additions joining their outputs). A
-# first run joined them by concatenation and showed a copy kernel per product taking
-# 5x a product's time; the products' own times are the ones kept.
-NOT_PRODUCTS = ("binary", "concat", "copy")
+# A first run joined each step's products by concatenation and showed a copy kernel per
+# product taking 5x a product's time; steps now join them by additions, and the joining
+# kernels are left out of the times (``device_profile.JOINING``).
 
 
 def product_steps(out_features: int, in_features: int, rows: int, copies: int,
@@ -78,9 +77,7 @@ def measure(shape: str, rows: int, per_warp: list[int], tiles: list[tuple], step
         for method, step in product_steps(out_features, in_features, rows, copies,
                                           per_warp, tiles).items():
             result = profile(step, steps, pipelined=True, top=6)
-            products_ms = sum(k["ms"] for k in result.get("top", [])
-                              if not any(word in k["name"].lower() for word in NOT_PRODUCTS))
-            us = 1e3 * products_ms / copies if "top" in result else float("nan")
+            us = 1e3 * kernels_ms(result, copies)[0]
             results.append({"shape": shape, "product": name, "rows": rows, "method": method,
                             "us": round(us, 2),
                             "gb_per_s": round(weight_bytes / us / 1e3, 1) if us == us and us > 0
@@ -125,10 +122,7 @@ def main() -> None:
     results = [r for shape in args.shapes for rows in args.rows
                for r in measure(shape, rows, args.per_warp, tiles, args.steps, args.bytes)]
     print(table(results))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "linear_kernels.json").write_text(json.dumps(results, indent=1))
-        (args.out / "linear_kernels.md").write_text(table(results))
+    write_results(args.out, "linear_kernels", results, table(results))
 
 
 if __name__ == "__main__":
