@@ -80,7 +80,12 @@ def kv_cache_bytes(llm) -> int:
     return config.cache_config.num_gpu_blocks * per_block
 
 
-ROUNDS = 8
+# A 64-token decode here takes about 0.2 s, and this machine's speed moves by up to
+# 1.5x between adjacent ones (the engine's own CPU time per request moves with it,
+# in both engines alike): a median of 8 pairs fell under 0.9 with no bias on either
+# side (medians 0.82-1.08 from one build, single pairs 0.6-1.7). 24 pairs narrow
+# the median's spread by sqrt(3) for about 15 s more.
+ROUNDS = 24
 
 
 def paired_ratios(default_once, small_once, rounds: int = ROUNDS) -> list[float]:
