@@ -12,7 +12,10 @@ the device's cache); per launch, the kernels' summed time over ``--steps`` steps
 divided by the launches (the additions that join a step's outputs left out).
 
     python -m benchmarks.attention_kernels [--heads 32 8 128] [--batch 1 8]
-        [--context 128 1024] [--layers 32] [--steps 20] [--out DIR]
+        [--context 128 1024] [--layers 32] [--warps 8 16 32] [--steps 20] [--out DIR]
+
+``--warps``: the fused kernel also with that many warps a block (its default is
+``decode_kernel.WARPS``).
 """
 
 import argparse
@@ -49,7 +52,7 @@ def paged_case(batch: int, heads: int, kv_heads: int, head_dim: int, context: in
 
 
 def kernel_steps(batch: int, heads: int, kv_heads: int, head_dim: int, context: int,
-                 layers: int) -> dict:
+                 layers: int, warps: list[int] = ()) -> dict:
     """Each kernel as a function that launches it once per layer and returns the
     outputs' sum (the project's kernels on MLX's CUDA build only)."""
     import mlx.core as mx
@@ -74,11 +77,11 @@ def kernel_steps(batch: int, heads: int, kv_heads: int, head_dim: int, context: 
     def summed(launch):
         return lambda: functools.reduce(mx.add, [launch(*case) for case in cases])
 
-    def fused(write: bool):
+    def fused(write: bool, warps: int = decode_kernel.WARPS):
         def launch(qkv, pool, positions, write_rows, read_rows, *_):
             out = fused_decode.fused_decode_attention(
                 qkv, pool, positions, write_rows, read_rows, heads, kv_heads, scale, inv_freq,
-                False, norm, norm, 1e-6, write=write)
+                False, norm, norm, 1e-6, write=write, warps=warps)
             return out if write else out[0]
         return summed(launch)
 
@@ -92,13 +95,16 @@ def kernel_steps(batch: int, heads: int, kv_heads: int, head_dim: int, context: 
     if on_cuda():
         steps.update({"fused, in place": fused(True), "fused, handed back": fused(False),
                       "paged, key per warp": paged(False), "paged, key per lane": paged(True)})
+        steps.update({f"fused, in place, {w} warps": fused(True, w) for w in warps
+                      if w != decode_kernel.WARPS})
     return steps
 
 
 def measure(batch: int, heads: int, kv_heads: int, head_dim: int, context: int, layers: int,
-            steps: int) -> list[dict]:
+            steps: int, warps: list[int] = ()) -> list[dict]:
     rows = []
-    for name, step in kernel_steps(batch, heads, kv_heads, head_dim, context, layers).items():
+    for name, step in kernel_steps(batch, heads, kv_heads, head_dim, context, layers,
+                                   warps).items():
         result = profile(step, steps, pipelined=True, top=6)
         ms, kernels = kernels_ms(result, layers)  # the additions joining outputs left out
         rows.append({"kernel": name, "batch": batch, "context": context, "layers": layers,
@@ -125,6 +131,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--context", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--warps", type=int, nargs="*", default=[8, 16, 32])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -132,7 +139,7 @@ def main() -> None:
 
     select_device()
     rows = [row for batch in args.batch for context in args.context
-            for row in measure(batch, *args.heads, context, args.layers, args.steps)]
+            for row in measure(batch, *args.heads, context, args.layers, args.steps, args.warps)]
     print(table(rows, tuple(args.heads)))
     write_results(args.out, "attention_kernels", rows, table(rows, tuple(args.heads)))
 

@@ -99,3 +99,18 @@ def test_kernel_matches_its_reference(dtype, heads, kv_heads, head_dim, qk_norm,
     else:
         keys, values = result[1], result[2]
     assert close(keys, want_keys) and close(values, want_values)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
+@pytest.mark.parametrize("warps", [8, 16, 32])
+def test_more_warps_a_block_give_the_reference(warps):
+    """A block of 8 to 32 warps (``warps``): its merge of that many partial sums."""
+    qkv, pool, positions, write_rows, read_rows = case(3, 16, 8, 128, mx.bfloat16)
+    inv_freq = inverse_frequencies(128)
+    want, _, _ = fused_decode.reference(qkv, pool, positions, read_rows, 16, 8, 128 ** -0.5,
+                                        inv_freq, False)
+    mx.eval(want)
+    got = fused_decode.fused_decode_attention(qkv, pool, positions, write_rows, read_rows, 16, 8,
+                                              128 ** -0.5, inv_freq, False, warps=warps)
+    assert mx.allclose(got.astype(mx.float32), want.astype(mx.float32), atol=3e-2,
+                       rtol=3e-2).item()

@@ -148,22 +148,25 @@ def _kernel():
 
 def fused_decode_attention(qkv, pool, offsets, write_rows, read_rows, heads: int, kv_heads: int,
                            scale: float, inv_freq: mx.array, traditional: bool, q_norm=None,
-                           k_norm=None, eps: float = 0.0, write: bool = True):
+                           k_norm=None, eps: float = 0.0, write: bool = True,
+                           warps: int = WARPS):
     """``qkv`` [B, 1, (heads + 2 kv_heads) D]; ``pool`` [rows, D]; ``offsets`` [B] int32,
     each request's position; ``write_rows`` [2B, kv_heads, 1] and ``read_rows`` [2B,
     kv_heads, S] int32 pool rows (keys', then values'); ``inv_freq`` [D / 2] float32.
     Returns the attention [B, 1, heads D] and, where ``write`` is False (the caller
-    writes them), this position's keys and values [B, kv_heads, 1, D]."""
+    writes them), this position's keys and values [B, kv_heads, 1, D]. ``warps``: a
+    block's warps, each taking 32 positions at a time (``benchmarks/attention_kernels``
+    compares them)."""
     batch = qkv.shape[0]
     head_dim = pool.shape[-1]
-    threads = 32 * WARPS
+    threads = 32 * warps
     out, keys, values = _kernel()(
         inputs=[qkv, q_norm if q_norm is not None else constant(0.0, pool.dtype),
                 k_norm if k_norm is not None else constant(0.0, pool.dtype), constant(eps),
                 inv_freq, offsets, pool, write_rows, read_rows, constant(scale)],
         template=[("P", pool.dtype), ("D", head_dim), ("HQ", heads), ("HKV", kv_heads),
                   ("QK_NORM", q_norm is not None), ("TRADITIONAL", traditional),
-                  ("WRITE", write), ("WARPS", WARPS)],
+                  ("WRITE", write), ("WARPS", warps)],
         grid=(batch * heads * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(batch, 1, heads * head_dim)] + [(batch, kv_heads, 1, head_dim)] * 2,
