@@ -149,21 +149,17 @@ def recorded_calls(monkeypatch) -> list[dict]:
                 gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, None,
                                         (mx.zeros((256,), dtype), 1e-6),
                                         mx.zeros((rows, 1, 24), dtype), kernel="tensor")
-        for head_dim, heads, kv_heads in ((128, 16, 8), (64, 4, 4)):
+        for head_dim, heads, kv_heads in ((128, 16, 8), (64, 4, 4), (256, 8, 2)):
             qkv = mx.zeros((2, 1, (heads + 2 * kv_heads) * head_dim), dtype)
             norm = mx.zeros((head_dim,), dtype)
-            for q_norm, traditional, write in ((norm, False, True), (None, True, False)):
+            for q_norm, traditional, write, warps in ((norm, False, True, 4), (None, True, False, 4),
+                                                      (norm, False, True, 8),
+                                                      (None, False, True, 32)):
                 fused_decode.fused_decode_attention(
                     qkv, mx.zeros((64, head_dim), dtype), mx.zeros((2,), mx.int32),
                     mx.zeros((4, kv_heads, 1), mx.int32), mx.zeros((4, kv_heads, 32), mx.int32),
                     heads, kv_heads, 0.1, mx.zeros((head_dim // 2,), mx.float32), traditional,
-                    q_norm, q_norm, 1e-6, write)
-            for warps in (8, 32):
-                fused_decode.fused_decode_attention(
-                    qkv, mx.zeros((64, head_dim), dtype), mx.zeros((2,), mx.int32),
-                    mx.zeros((4, kv_heads, 1), mx.int32), mx.zeros((4, kv_heads, 32), mx.int32),
-                    heads, kv_heads, 0.1, mx.zeros((head_dim // 2,), mx.float32), False,
-                    norm, norm, 1e-6, True, warps=warps)
+                    q_norm, q_norm, 1e-6, write, warps=warps)
         decode_block.swiglu(mx.zeros((3, 1, 2 * 96), dtype))
     for cached in kernels:
         cached.cache_clear()  # the recorder must not outlive the test

@@ -18,11 +18,11 @@ from vllm_metal.device import on_cuda
 ON_CUDA = on_cuda()
 
 
-def case(batch, heads, kv_heads, head_dim, dtype, seed=0):
+def case(batch, heads, kv_heads, head_dim, dtype, seed=0, longest=150):
     """A pool and its rows as the decode kernel's tests make them, each request's
     position (its last), the rows it writes there, and a q/k/v projection output."""
     _, pool, read, positions = random_case(batch, heads, kv_heads, head_dim, dtype, seed=seed,
-                                           longest=150)
+                                           longest=longest)
     own = np.concatenate([np.array(positions)] * 2)
     write = np.array(read)[np.arange(2 * batch), :, own][:, :, None]
     rng = np.random.default_rng(seed)
@@ -104,8 +104,10 @@ def test_kernel_matches_its_reference(dtype, heads, kv_heads, head_dim, qk_norm,
 @pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
 @pytest.mark.parametrize("warps", [8, 16, 32])
 def test_more_warps_a_block_give_the_reference(warps):
-    """A block of 8 to 32 warps (``warps``): its merge of that many partial sums."""
-    qkv, pool, positions, write_rows, read_rows = case(3, 16, 8, 128, mx.bfloat16)
+    """A block of 8 to 32 warps (``warps``), each taking 32 positions a round: up to
+    600 positions, several rounds at 8 warps, idle warps at 32; the merge of that
+    many partial sums."""
+    qkv, pool, positions, write_rows, read_rows = case(3, 16, 8, 128, mx.bfloat16, longest=600)
     inv_freq = inverse_frequencies(128)
     want, _, _ = fused_decode.reference(qkv, pool, positions, read_rows, 16, 8, 128 ** -0.5,
                                         inv_freq, False)
@@ -114,3 +116,11 @@ def test_more_warps_a_block_give_the_reference(warps):
                                               128 ** -0.5, inv_freq, False, warps=warps)
     assert mx.allclose(got.astype(mx.float32), want.astype(mx.float32), atol=3e-2,
                        rtol=3e-2).item()
+
+
+@pytest.mark.parametrize("warps", [0, 33])
+def test_warps_a_block_past_cudas_limit_are_refused(warps):
+    qkv, pool, positions, write_rows, read_rows = case(1, 4, 2, 64, mx.float32)
+    with pytest.raises(ValueError, match="CUDA blocks hold 1 to 32"):
+        fused_decode.fused_decode_attention(qkv, pool, positions, write_rows, read_rows, 4, 2,
+                                            0.125, inverse_frequencies(64), False, warps=warps)

@@ -157,6 +157,8 @@ def fused_decode_attention(qkv, pool, offsets, write_rows, read_rows, heads: int
     writes them), this position's keys and values [B, kv_heads, 1, D]. ``warps``: a
     block's warps, each taking 32 positions at a time (``benchmarks/attention_kernels``
     compares them)."""
+    if not 1 <= warps <= 32:
+        raise ValueError(f"{warps} warps a block: CUDA blocks hold 1 to 32")
     batch = qkv.shape[0]
     head_dim = pool.shape[-1]
     threads = 32 * warps
