@@ -6,11 +6,13 @@ weight shape and number of activation rows, from CUDA's activity records
 Each case multiplies the same rows by enough distinct bf16 weights (at least
 ``--bytes`` of them) that no weight is read from the device's cache; it reports
 the device time per product and the weight bytes read per second. Each kernel runs
-with its own choices and with each other one given (``--per-warp`` for the vector
-kernel, ``--tiles`` for the tensor-core one), to show which is the faster where.
+with its own choices and with each other one given (``--per-warp`` and
+``--split-unroll`` for the vector kernel, ``--tiles`` for the tensor-core one), to
+show which is the faster where.
 
     python -m benchmarks.linear_kernels [--shapes llama-3-8b qwen3-0.6b]
-        [--rows 1 2 4 8 16 32] [--per-warp 1 2 4 8] [--tiles 2-4-4 1-2-4]
+        [--rows 1 2 4 8 16 32] [--per-warp 1 2 4 8] [--split-unroll 2-2 4-4]
+        [--tiles 2-4-4 1-2-4]
         [--steps 20] [--out DIR]
 """
 
@@ -34,7 +36,8 @@ SHAPES = {
 
 
 def product_steps(out_features: int, in_features: int, rows: int, copies: int,
-                  per_warp: list[int], tiles: list[tuple]) -> dict:
+                  per_warp: list[int], tiles: list[tuple],
+                  split_unroll: list[tuple] = ()) -> dict:
     """Each way of computing the products, as a function that launches ``copies`` of
     them (one per weight) and returns their outputs' sum."""
     import mlx.core as mx
@@ -59,6 +62,11 @@ def product_steps(out_features: int, in_features: int, rows: int, copies: int,
             if r != gemv.rows_per_warp(rows):
                 steps[f"vector, {r} rows a warp"] = joined(
                     lambda x, w, r=r: gemv.small_batch_linear(x, w, kernel="vector", per_warp=r))
+        for split, unroll in split_unroll:
+            if (split, unroll) != (gemv.VECTOR_SPLIT, gemv.VECTOR_UNROLL):
+                steps[f"vector, split {split} unroll {unroll}"] = joined(
+                    lambda x, w, s=split, u=unroll: gemv.small_batch_linear(
+                        x, w, kernel="vector", split=s, unroll=u))
     if rows <= gemv.TENSOR_MAX_ROWS:
         steps["tensor"] = joined(lambda x, w: gemv.small_batch_linear(x, w, kernel="tensor"))
         for t in tiles:
@@ -69,13 +77,13 @@ def product_steps(out_features: int, in_features: int, rows: int, copies: int,
 
 
 def measure(shape: str, rows: int, per_warp: list[int], tiles: list[tuple], steps: int,
-            min_bytes: int) -> list[dict]:
+            min_bytes: int, split_unroll: list[tuple] = ()) -> list[dict]:
     results = []
     for name, out_features, in_features in SHAPES[shape]:
         weight_bytes = 2 * out_features * in_features
         copies = max(2, -(-min_bytes // weight_bytes))
         for method, step in product_steps(out_features, in_features, rows, copies,
-                                          per_warp, tiles).items():
+                                          per_warp, tiles, split_unroll).items():
             result = profile(step, steps, pipelined=True, top=6)
             us = 1e3 * kernels_ms(result, copies)[0]
             results.append({"shape": shape, "product": name, "rows": rows, "method": method,
@@ -108,6 +116,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["llama-3-8b"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--per-warp", type=int, nargs="*", default=[1, 2, 4, 8])
+    parser.add_argument("--split-unroll", nargs="*", default=["1-4", "2-2", "4-2", "4-4"],
+                        help="vector kernel: SPLIT-UNROLL (gemv.VECTOR_SPLIT, VECTOR_UNROLL)")
     parser.add_argument("--tiles", nargs="*", default=["2-4-4", "1-2-4", "1-4-8"],
                         help="tensor-core tilings to try: GROUPS-UNROLL-SPLIT (gemv.TENSOR_TILES)")
     parser.add_argument("--steps", type=int, default=20)
@@ -119,8 +129,10 @@ def main() -> None:
 
     select_device()
     tiles = [tuple(int(v) for v in t.split("-")) for t in args.tiles]
+    split_unroll = [tuple(int(v) for v in t.split("-")) for t in args.split_unroll]
     results = [r for shape in args.shapes for rows in args.rows
-               for r in measure(shape, rows, args.per_warp, tiles, args.steps, args.bytes)]
+               for r in measure(shape, rows, args.per_warp, tiles, args.steps, args.bytes,
+                                split_unroll)]
     print(table(results))
     write_results(args.out, "linear_kernels", results, table(results))
 

@@ -5,7 +5,8 @@ points hand to MLX, for the H200's architecture (sm_90) and an A100's (sm_80).
 The calls are recorded, not guessed: ``mx.fast.cuda_kernel`` is replaced by a
 recorder, the real entry points run (attention in both layouts, with and without
 a window and sinks; the in-place KV write for keys and values and for latent rows;
-the few-row linear kernels, vector and tensor-core, at each row count and bias), and each recorded call is
+the few-row linear kernels, vector and tensor-core, at each row count and bias,
+the vector one with its width split and unrolled), and each recorded call is
 wrapped the way MLX wraps a custom kernel (its inputs' pointers, then shapes and
 strides where the source names them, its outputs, its template constants) with
 a small stand-in for MLX's device header. This catches what a GPU run would
@@ -141,6 +142,10 @@ def recorded_calls(monkeypatch) -> list[dict]:
                 gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, bias)
             gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, None,
                                     (mx.zeros((256,), dtype), 1e-6), mx.zeros((rows, 1, 24), dtype))
+        for rows, split, unroll in ((1, 4, 4), (2, 2, 8), (5, 4, 1)):
+            gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, mx.zeros((24,), dtype),
+                                    (mx.zeros((256,), dtype), 1e-6), mx.zeros((rows, 1, 24), dtype),
+                                    split=split, unroll=unroll)
         if dtype in gemv.TENSOR_DTYPES:
             for rows, tiles in ((2, None), (9, (2, 2, 4)), (gemv.TENSOR_MAX_ROWS, None)):
                 for bias in (None, mx.zeros((24,), dtype)):

@@ -174,6 +174,34 @@ def test_kernel_matches_the_matmul(dtype, rows, out_features, width, with_bias):
 
 @pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("split, unroll", [(2, 2), (4, 4), (4, 1), (1, 8)])
+@pytest.mark.parametrize("out_features, width", [(1030, 3072), (6, 256), (4096, 520)])
+def test_vector_kernel_split_and_unrolled_matches_its_reference(dtype, rows, split, unroll,
+                                                                out_features, width):
+    """The width shared among a group's warps, several loads a lane in flight: widths
+    that leave the last round of loads partly past the row (520 of bf16 is 65 loads),
+    weights of fewer rows than a block covers, the norm, bias and residual folded in."""
+    rng = np.random.default_rng(rows * 13 + split)
+    x = mx.array(rng.standard_normal((rows, 1, width)), dtype=dtype)
+    weight = mx.array(rng.standard_normal((out_features, width)) / 32, dtype=dtype)
+    bias = mx.array(rng.standard_normal((out_features,)), dtype=dtype)
+    norm = (mx.array(1 + rng.standard_normal(width) / 4, dtype=dtype), 1e-5)
+    residual = mx.array(rng.standard_normal((rows, 1, out_features)), dtype=dtype)
+    got = gemv.small_batch_linear(x, weight, bias, norm, residual, kernel="vector",
+                                  split=split, unroll=unroll)
+    with mx.stream(mx.cpu):
+        as32 = (lambda a: a.astype(mx.float32))  # noqa: E731
+        want = gemv.reference_linear(as32(x), as32(weight), as32(bias),
+                                     (as32(norm[0]), norm[1]), as32(residual))
+        mx.eval(want)
+    tolerance = 1e-4 if dtype == mx.float32 else 3e-2
+    assert got.shape == (rows, 1, out_features) and got.dtype == dtype
+    assert mx.allclose(got.astype(mx.float32), want, atol=tolerance, rtol=tolerance).item()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 8, 32])
 @pytest.mark.parametrize("with_norm, with_residual", [(True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("kernel", ["vector", "tensor"])

@@ -43,14 +43,23 @@ LARGE_WEIGHT_ROWS = 2
 TENSOR_MAX_ROWS = 32
 TENSOR_DTYPES = (mx.bfloat16, mx.float16)
 TENSOR_TILES = (1, 4, 8)
+# The vector kernel's warps sharing a group of weight rows, each reading a share of the
+# width (more warps, each with a shorter run of loads, for weights of few rows), and
+# the loads of each weight row a lane has in flight before it uses the first.
+VECTOR_SPLIT = 1
+VECTOR_UNROLL = 2
 
 _SOURCE = """
     constexpr int VEC = 16 / sizeof(T);
+    constexpr int GROUPS = WARPS / SPLIT;     // groups of R weight rows a block
+    constexpr int STRIDE = SPLIT * 32 * VEC;  // positions a group's loads cover
     const int N = w_shape[0];
     const int K = w_shape[1];
     const int lane = threadIdx.x % 32;
-    const int first = (blockIdx.x * WARPS + threadIdx.x / 32) * R;
-    if (first >= N) return;
+    const int warp = threadIdx.x / 32;
+    const int part = warp % SPLIT;  // which of the group's SPLIT warps: a share of the width
+    const int first = (blockIdx.x * GROUPS + warp / SPLIT) * R;
+    const bool active = first < N;  // no early return: a split group meets at a barrier
 
     float acc[R][M];
     float squares[M];  // NORM: each row's sum of squares, this lane's share
@@ -58,53 +67,80 @@ _SOURCE = """
         squares[m] = 0.f;
         for (int r = 0; r < R; ++r) acc[r][m] = 0.f;
     }
-    #pragma unroll 2
-    for (int k = lane * VEC; k < K; k += 32 * VEC) {
-        float wf[R][VEC];
-        for (int r = 0; r < R; ++r) {
-            const int row = min(first + r, N - 1);  // past N: read again, never stored
-            const uint4 packed = *reinterpret_cast<const uint4*>(w + (long)row * K + k);
-            const T* wv = reinterpret_cast<const T*>(&packed);
-            for (int i = 0; i < VEC; ++i) wf[r][i] = static_cast<float>(wv[i]);
-        }
-        float gf[VEC];
-        if (NORM) {
-            const uint4 packed = *reinterpret_cast<const uint4*>(norm_weight + k);
-            const T* gv = reinterpret_cast<const T*>(&packed);
-            for (int i = 0; i < VEC; ++i) gf[i] = static_cast<float>(gv[i]);
-        }
-        for (int m = 0; m < M; ++m) {
-            const uint4 packed = *reinterpret_cast<const uint4*>(x + (long)m * K + k);
-            const T* xv = reinterpret_cast<const T*>(&packed);
-            float xf[VEC];
-            for (int i = 0; i < VEC; ++i) xf[i] = static_cast<float>(xv[i]);
-            if (NORM) {
-                for (int i = 0; i < VEC; ++i) {
-                    squares[m] += xf[i] * xf[i];
-                    xf[i] *= gf[i];
-                }
+    const uint4 none = make_uint4(0, 0, 0, 0);
+    for (int base = (part * 32 + lane) * VEC; active && base < K; base += U * STRIDE) {
+        // U loads of each weight row in flight before any is used.
+        uint4 wp[U][R];
+        uint4 gp[U];
+        for (int u = 0; u < U; ++u) {
+            const int k = base + u * STRIDE;
+            for (int r = 0; r < R; ++r) {
+                const int row = min(first + r, N - 1);  // past N: read again, never stored
+                wp[u][r] = k < K ? *reinterpret_cast<const uint4*>(w + (long)row * K + k) : none;
             }
-            for (int r = 0; r < R; ++r)
-                for (int i = 0; i < VEC; ++i) acc[r][m] += wf[r][i] * xf[i];
+            if (NORM) gp[u] = k < K ? *reinterpret_cast<const uint4*>(norm_weight + k) : none;
+        }
+        for (int u = 0; u < U; ++u) {
+            const int k = base + u * STRIDE;
+            if (k >= K) break;
+            float wf[R][VEC];
+            for (int r = 0; r < R; ++r) {
+                const T* wv = reinterpret_cast<const T*>(&wp[u][r]);
+                for (int i = 0; i < VEC; ++i) wf[r][i] = static_cast<float>(wv[i]);
+            }
+            float gf[VEC];
+            if (NORM) {
+                const T* gv = reinterpret_cast<const T*>(&gp[u]);
+                for (int i = 0; i < VEC; ++i) gf[i] = static_cast<float>(gv[i]);
+            }
+            for (int m = 0; m < M; ++m) {
+                const uint4 packed = *reinterpret_cast<const uint4*>(x + (long)m * K + k);
+                const T* xv = reinterpret_cast<const T*>(&packed);
+                float xf[VEC];
+                for (int i = 0; i < VEC; ++i) xf[i] = static_cast<float>(xv[i]);
+                if (NORM) {
+                    for (int i = 0; i < VEC; ++i) {
+                        squares[m] += xf[i] * xf[i];
+                        xf[i] *= gf[i];
+                    }
+                }
+                for (int r = 0; r < R; ++r)
+                    for (int i = 0; i < VEC; ++i) acc[r][m] += wf[r][i] * xf[i];
+            }
         }
     }
+    // Each warp's sums over its lanes, then (SPLIT > 1) over the group's warps.
     for (int m = 0; m < M; ++m) {
-        float scale = 1.f;
-        if (NORM) {
-            // RMS norm of the row: x * rsqrt(mean(x^2) + eps) * weight, the weight taken above.
-            float total = squares[m];
-            for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffff, total, o);
-            scale = rsqrtf(total / K + eps[0]);
-        }
-        for (int r = 0; r < R; ++r) {
-            float s = acc[r][m];
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-            if (lane == 0 && first + r < N) {
-                s *= scale;
-                if (BIAS) s += static_cast<float>(bias[first + r]);
-                if (RESIDUAL) s += static_cast<float>(residual[(long)m * N + first + r]);
-                out[(long)m * N + first + r] = static_cast<T>(s);
+        for (int o = 16; o > 0; o >>= 1) squares[m] += __shfl_xor_sync(0xffffffff, squares[m], o);
+        for (int r = 0; r < R; ++r)
+            for (int o = 16; o > 0; o >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffff, acc[r][m], o);
+    }
+    if (SPLIT > 1) {
+        __shared__ float shared_acc[WARPS][R][M];
+        __shared__ float shared_squares[WARPS][M];
+        if (lane == 0) {
+            for (int m = 0; m < M; ++m) {
+                shared_squares[warp][m] = squares[m];
+                for (int r = 0; r < R; ++r) shared_acc[warp][r][m] = acc[r][m];
             }
+        }
+        __syncthreads();
+        if (part != 0) return;
+        for (int p = 1; p < SPLIT; ++p)
+            for (int m = 0; m < M; ++m) {
+                squares[m] += shared_squares[warp + p][m];
+                for (int r = 0; r < R; ++r) acc[r][m] += shared_acc[warp + p][r][m];
+            }
+    }
+    if (!active || lane != 0) return;
+    for (int m = 0; m < M; ++m) {
+        // RMS norm of the row: x * rsqrt(mean(x^2) + eps) * weight, the weight taken above.
+        const float scale = NORM ? rsqrtf(squares[m] / K + eps[0]) : 1.f;
+        for (int r = 0; r < R && first + r < N; ++r) {
+            float s = acc[r][m] * scale;
+            if (BIAS) s += static_cast<float>(bias[first + r]);
+            if (RESIDUAL) s += static_cast<float>(residual[(long)m * N + first + r]);
+            out[(long)m * N + first + r] = static_cast<T>(s);
         }
     }
 """
@@ -317,12 +353,14 @@ def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = No
                        norm: tuple[mx.array, float] | None = None,
                        residual: mx.array | None = None,
                        per_warp: int | None = None, kernel: str | None = None,
-                       tiles: tuple[int, int, int] | None = None) -> mx.array:
+                       tiles: tuple[int, int, int] | None = None,
+                       split: int = VECTOR_SPLIT, unroll: int = VECTOR_UNROLL) -> mx.array:
     """``x @ weight.T + bias`` for ``x`` [..., K] and ``weight`` [N, K] (``covers``).
     ``norm``: (weight [K], eps) of an RMS norm applied to ``x`` first; ``residual``
     [..., N]: added to the result. ``kernel`` ("vector" or "tensor"), ``per_warp``
-    (the vector kernel's weight rows a warp) and ``tiles`` (``TENSOR_TILES``) stand in
-    for the choices made here (``benchmarks/linear_kernels.py`` compares them)."""
+    (the vector kernel's weight rows a warp), ``split`` and ``unroll`` (its
+    ``VECTOR_SPLIT`` and ``VECTOR_UNROLL``) and ``tiles`` (``TENSOR_TILES``) stand in for
+    the choices made here (``benchmarks/linear_kernels.py`` compares them)."""
     out_features, width = weight.shape
     rows = x.size // width
     if kernel is None:
@@ -345,10 +383,13 @@ def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = No
                     ("F16", weight.dtype == mx.float16)]
     else:
         per_warp = per_warp or rows_per_warp(rows)
+        if WARPS % split:
+            raise ValueError(f"split {split} does not divide the block's {WARPS} warps")
         threads = 32 * WARPS
-        blocks = -(-out_features // (WARPS * per_warp))
+        blocks = -(-out_features // (WARPS // split * per_warp))
         launch = _kernel()
-        options += [("M", rows), ("R", per_warp), ("WARPS", WARPS)]
+        options += [("M", rows), ("R", per_warp), ("WARPS", WARPS), ("SPLIT", split),
+                    ("U", unroll)]
     return launch(inputs=inputs, template=options, grid=(blocks * threads, 1, 1),
                   threadgroup=(threads, 1, 1), output_shapes=[(*x.shape[:-1], out_features)],
                   output_dtypes=[x.dtype])[0]
