@@ -54,6 +54,11 @@ VARIANTS = {"default": {}, "sync": {"async_scheduling": False}, "eager": {"enfor
             "inline": {"VLLM_METAL_RUNNER_THREAD": "0"},
             # MLX's CUDA graphs of up to 100 kernels (default 20) for the engine only.
             "graphs100": {"MLX_MAX_OPS_PER_BUFFER": "100", "MLX_CUDA_GRAPH_CACHE_SIZE": "400"}}
+# The fused decode step's attention with this many warps a block (default: by batch size).
+VARIANTS.update({f"attn-warps-{w}": {"VLLM_METAL_ATTENTION_WARPS": str(w)} for w in (4, 8, 16, 32)})
+# The matrix-vector kernel with this SPLIT-UNROLL for every weight (default: by shape).
+VARIANTS.update({f"gemv-{c}": {"VLLM_METAL_GEMV_SPLIT_UNROLL": c}
+                 for c in ("1-2", "1-4", "2-2", "2-4", "4-2", "4-4")})
 VARIANT_SHAPES = ("qwen3-0.6b", "tiny", "deep-tiny")  # shapes that also run the variants beside the default
 PROMPT_LEN, NEW_TOKENS = 32, 128
 KV_CACHE_BYTES = 8 << 30

@@ -19,6 +19,8 @@
 | VLLM_METAL_FUSED_DECODE_BLOCK | auto | auto, 1 or 0: a compiled decode step runs each decoder layer of Llama, Mistral, Qwen2 and Qwen3 models (unquantized, one rank, no LoRA) in six kernels (norm and q/k/v projection; the whole attention with its KV write; output projection and residual; norm and gate/up projection; SwiGLU; down projection and residual) instead of about 25 primitives; auto: on MLX's CUDA build, for the layers it covers; 1 elsewhere, or with a model it does not cover, is refused; 0 keeps mlx-lm's layers |
 | VLLM_METAL_GEMV_KERNEL | auto | auto, 1 or 0: linear layers called with at most 8 rows (decode steps) as one custom matrix-vector kernel, at most 2 rows for a weight of 16 MiB or more (MLX's matmul reads those faster at more rows); auto: on MLX's CUDA build, where a matmul costs the host four times a custom kernel to issue; 0 keeps MLX's matmul |
 | VLLM_METAL_GEMV_TENSOR_CORES | auto | auto, 1 or 0: linear layers called with 9 to 32 rows (bf16, fp16) of a weight under 16 MiB as one custom tensor-core kernel with the norm, bias and residual folded in, where MLX's norm, matmul and add would run: its device time is behind the matmul's (`benchmarks/linear_kernels.py`), but a small model's step is set by the host's issue, which it cuts (Qwen3-0.6B at batch 32 on an H200: 3.5 against 6.3 ms); auto: on MLX's CUDA build on a GPU of compute capability 8.0 or later (1 on an older one is refused), where `VLLM_METAL_GEMV_KERNEL` is on; 0 keeps MLX's norm, matmul and add |
+| VLLM_METAL_ATTENTION_WARPS | auto | auto or 1-32: warps a thread block of the fused decode step's attention kernel (`VLLM_METAL_FUSED_DECODE_BLOCK`) has, each taking 32 positions at a time; auto: chosen by the step's batch size (`fused_decode.warps_for`) |
+| VLLM_METAL_GEMV_SPLIT_UNROLL | auto | auto or SPLIT-UNROLL (SPLIT 1, 2 or 4; UNROLL 1 to 8), e.g. 4-2: the matrix-vector kernel's warps sharing a group of weight rows (each reading a share of the width) and the loads of each row a lane keeps in flight; auto: chosen by the weight's shape (`gemv.vector_choice`) |
 | VLLM_METAL_RUNNER_THREAD | 1 | 1 runs a one-process engine's MLX work (model load, each step's forward and sampling) on a thread of its own, so that vLLM's scheduling and output handling overlap MLX's launch of the forward; 0 runs it on the engine's thread |
 | VLLM_METAL_PEER_TIMEOUT | 3 | seconds a rank of a TP/PP engine waits for a silent peer's heartbeat (a stopped or hung process, a link down) before it stops the engine |
 
@@ -119,6 +121,33 @@ def _count_or_none(name: str) -> Callable[[str], int | None]:
     return parse
 
 
+def _warps(name: str) -> Callable[[str], int | None]:
+    def parse(raw: str) -> int | None:
+        value = raw.strip().lower()
+        if value == "auto":
+            return None
+        if not value.isdigit() or not 1 <= int(value) <= 32:
+            raise SettingError(f"{name}={raw!r}: use auto or a whole number of warps, 1 to 32")
+        return int(value)
+
+    return parse
+
+
+def _split_unroll(name: str) -> Callable[[str], tuple[int, int] | None]:
+    def parse(raw: str) -> tuple[int, int] | None:
+        value = raw.strip().lower()
+        if value == "auto":
+            return None
+        parts = value.split("-")
+        if (len(parts) == 2 and all(p.isdigit() for p in parts)
+                and int(parts[0]) in (1, 2, 4) and 1 <= int(parts[1]) <= 8):
+            return int(parts[0]), int(parts[1])
+        raise SettingError(f"{name}={raw!r}: use auto or SPLIT-UNROLL, SPLIT 1, 2 or 4 and "
+                           "UNROLL 1 to 8, e.g. 4-2")
+
+    return parse
+
+
 def _text(name: str) -> Callable[[str], str]:
     return lambda raw: raw.strip()
 
@@ -171,6 +200,11 @@ _SETTINGS = [
     Setting("VLLM_METAL_GEMV_TENSOR_CORES", "auto",
             _choice("VLLM_METAL_GEMV_TENSOR_CORES", ("auto", "1", "0")),
             "small-batch linear kernel on tensor cores, 9 to 32 rows (CUDA)"),
+    Setting("VLLM_METAL_ATTENTION_WARPS", "auto", _warps("VLLM_METAL_ATTENTION_WARPS"),
+            "fused decode attention: warps a block (CUDA)"),
+    Setting("VLLM_METAL_GEMV_SPLIT_UNROLL", "auto",
+            _split_unroll("VLLM_METAL_GEMV_SPLIT_UNROLL"),
+            "matrix-vector kernel: warps splitting a row's width, loads in flight (CUDA)"),
     Setting("VLLM_METAL_RUNNER_THREAD", "1", _flag("VLLM_METAL_RUNNER_THREAD"),
             "MLX work on a thread of its own"),
     Setting("VLLM_METAL_PEER_TIMEOUT", "3", _seconds("VLLM_METAL_PEER_TIMEOUT"),

@@ -24,6 +24,7 @@ import functools
 
 import mlx.core as mx
 
+from vllm_metal import envs
 from vllm_metal.attention.decode_kernel import (ADD_VALUES, CHUNK_SOFTMAX, MERGE_WARPS, SCORE_KEY,
                                                 WARPS, constant)
 
@@ -144,6 +145,12 @@ def _kernel():
         source=_SOURCE,
         ensure_row_contiguous=True,  # all packed already; the pool must never be a copy
     )
+
+
+def warps_for(batch: int) -> int:
+    """A block's warps for a decode step of ``batch`` requests:
+    ``VLLM_METAL_ATTENTION_WARPS`` where given, else ``WARPS``."""
+    return envs.VLLM_METAL_ATTENTION_WARPS or WARPS
 
 
 def fused_decode_attention(qkv, pool, offsets, write_rows, read_rows, heads: int, kv_heads: int,

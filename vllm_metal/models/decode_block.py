@@ -154,7 +154,8 @@ class FusedDecodeStep:
             attention.n_heads, attention.n_kv_heads, attention.scale, self._inv_freq,
             self._traditional, None if q_norm is None else q_norm.weight,
             None if q_norm is None else attention.k_norm.weight,
-            0.0 if q_norm is None else q_norm.eps, write=in_place)
+            0.0 if q_norm is None else q_norm.eps, write=in_place,
+            warps=fused_decode.warps_for(x.shape[0]))
         if not in_place:
             result, keys, values = result
             cache._write(keys, values)

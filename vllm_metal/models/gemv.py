@@ -349,17 +349,24 @@ def rows_per_warp(rows: int) -> int:
     return 1 if rows == 1 else 2 if rows == 2 else 4
 
 
+def vector_choice(weight: mx.array, rows: int) -> tuple[int, int]:
+    """The vector kernel's (split, unroll) for ``rows`` rows of ``weight``:
+    ``VLLM_METAL_GEMV_SPLIT_UNROLL`` where given, else ``VECTOR_SPLIT`` and
+    ``VECTOR_UNROLL``."""
+    return envs.VLLM_METAL_GEMV_SPLIT_UNROLL or (VECTOR_SPLIT, VECTOR_UNROLL)
+
+
 def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
                        norm: tuple[mx.array, float] | None = None,
                        residual: mx.array | None = None,
                        per_warp: int | None = None, kernel: str | None = None,
                        tiles: tuple[int, int, int] | None = None,
-                       split: int = VECTOR_SPLIT, unroll: int = VECTOR_UNROLL) -> mx.array:
+                       split: int | None = None, unroll: int | None = None) -> mx.array:
     """``x @ weight.T + bias`` for ``x`` [..., K] and ``weight`` [N, K] (``covers``).
     ``norm``: (weight [K], eps) of an RMS norm applied to ``x`` first; ``residual``
     [..., N]: added to the result. ``kernel`` ("vector" or "tensor"), ``per_warp``
     (the vector kernel's weight rows a warp), ``split`` and ``unroll`` (its
-    ``VECTOR_SPLIT`` and ``VECTOR_UNROLL``) and ``tiles`` (``TENSOR_TILES``) stand in for
+    ``vector_choice``) and ``tiles`` (``TENSOR_TILES``) stand in for
     the choices made here (``benchmarks/linear_kernels.py`` compares them)."""
     out_features, width = weight.shape
     rows = x.size // width
@@ -383,6 +390,8 @@ def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = No
                     ("F16", weight.dtype == mx.float16)]
     else:
         per_warp = per_warp or rows_per_warp(rows)
+        chosen_split, chosen_unroll = vector_choice(weight, rows)
+        split, unroll = split or chosen_split, unroll or chosen_unroll
         if WARPS % split:
             raise ValueError(f"split {split} does not divide the block's {WARPS} warps")
         threads = 32 * WARPS
