@@ -59,6 +59,9 @@ VARIANTS.update({f"attn-warps-{w}": {"VLLM_METAL_ATTENTION_WARPS": str(w)} for w
 # The matrix-vector kernel with this SPLIT-UNROLL for every weight (default: by shape).
 VARIANTS.update({f"gemv-{c}": {"VLLM_METAL_GEMV_SPLIT_UNROLL": c}
                  for c in ("1-2", "1-4", "2-2", "2-4", "4-2", "4-4")})
+# Both kernels as they were before their choices by batch and rows (4 warps; 1-2).
+VARIANTS["previous-kernels"] = {"VLLM_METAL_ATTENTION_WARPS": "4",
+                                "VLLM_METAL_GEMV_SPLIT_UNROLL": "1-2"}
 VARIANT_SHAPES = ("qwen3-0.6b", "tiny", "deep-tiny")  # shapes that also run the variants beside the default
 PROMPT_LEN, NEW_TOKENS = 32, 128
 KV_CACHE_BYTES = 8 << 30
@@ -200,8 +203,23 @@ def copy_rate_gb_s() -> float:
     return 2 * buffer.nbytes / best / 1e9
 
 
+def read_rate_gb_s() -> float:
+    """A sum over 2 GiB: memory read only, as a decode step reads its weights (a
+    copy also writes)."""
+    import mlx.core as mx
+
+    buffer = mx.ones((1 << 30,), dtype=mx.bfloat16)
+    mx.eval(buffer)
+    best = float("inf")
+    for _ in range(6):
+        start = time.perf_counter()
+        mx.eval(mx.sum(buffer))  # the value is not used, only the read
+        best = min(best, time.perf_counter() - start)
+    return buffer.nbytes / best / 1e9
+
+
 def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float,
-            variants: list[str], variants_given: bool = False) -> list[dict]:
+            variants: list[str], variants_given: bool = False, rounds: int = 1) -> list[dict]:
     import mlx.core as mx
     from mlx_lm import load
 
@@ -227,16 +245,27 @@ def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float,
         row = {"shape": shape, "batch": batch, "weights_gb": round(weights / 1e9, 2),
                "limit_tok_s": round(batch * rate_gb_s * 1e9 / weights, 1)}
         mlx_lm_tokens_per_s(model, batch_prompts)  # this batch's first-call costs
-        row["mlx_lm_a"] = mlx_lm_tokens_per_s(model, batch_prompts)
+        mlx_lm_runs = [mlx_lm_tokens_per_s(model, batch_prompts)]
+        runs = {name: [] for name in engines}
         for name, (llm, log) in engines.items():
             key = "plugin" if name == "default" else f"plugin_{name}"
             # The first run at a batch size traces its decode graphs (once per
             # shape bucket, kept for the engine's life): shown, not compared.
             row[f"{key}_first"] = plugin_tokens_per_s(llm, batch_prompts, log)
-            row[key] = plugin_tokens_per_s(llm, batch_prompts, log)
+        for _ in range(rounds):  # each round: every engine, then mlx-lm (A B A ...)
+            for name, (llm, log) in engines.items():
+                runs[name].append(plugin_tokens_per_s(llm, batch_prompts, log))
+            mlx_lm_runs.append(mlx_lm_tokens_per_s(model, batch_prompts))
+        for name, (llm, log) in engines.items():
+            key = "plugin" if name == "default" else f"plugin_{name}"
+            row[key] = statistics.median(runs[name])
             row[f"{key}_steps_ms"] = step_timings(log, batch)
-        row["mlx_lm_b"] = mlx_lm_tokens_per_s(model, batch_prompts)
-        mlx_lm = (row["mlx_lm_a"] + row["mlx_lm_b"]) / 2
+            if rounds > 1:
+                row[f"{key}_runs"] = [round(v, 1) for v in runs[name]]
+        row["mlx_lm_a"], row["mlx_lm_b"] = mlx_lm_runs[0], mlx_lm_runs[-1]
+        if rounds > 1:
+            row["mlx_lm_runs"] = [round(v, 1) for v in mlx_lm_runs]
+        mlx_lm = statistics.median(mlx_lm_runs)
         row["ratio"] = row["plugin"] / mlx_lm
         for name in names[1:]:
             row[f"ratio_{name}"] = row[f"plugin_{name}"] / mlx_lm
@@ -301,15 +330,23 @@ def fmt(value, digits=0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _rate_text(result: dict) -> str:
+    if "read_gb_s" not in result:
+        return f"{result['copy_gb_s']:.0f} GB/s (a copy)"
+    return (f"{result['rate_gb_s']:.0f} GB/s (the faster of a copy, {result['copy_gb_s']:.0f}, "
+            f"and a read-only sum, {result['read_gb_s']:.0f})")
+
+
 def report(result: dict) -> str:
     lines = ["# vllm-metal on an accelerator", "",
              f"`python -m benchmarks.gpu`, {result['device']}, MLX {result['mlx']}, "
              f"{result['minutes']:.1f} min. Random bf16 weights, {PROMPT_LEN}-token prompts, "
              f"{NEW_TOKENS} greedy tokens (ignore_eos). Each row, after one unmeasured mlx-lm run at "
-             f"its batch: mlx-lm, the plugin twice (the first run traces the batch's decode "
-             f"graphs), mlx-lm again; ratio = the plugin's second run / mean of the two mlx-lm "
-             f"runs. Copy rate "
-             f"{result['copy_gb_s']:.0f} GB/s; limit = batch x copy rate / weight bytes.", "",
+             f"its batch: mlx-lm, each engine once (its first run traces the batch's decode "
+             f"graphs), then {result.get('rounds', 1)} round(s) of each engine followed by mlx-lm; "
+             f"figures are medians over the rounds, ratio = plugin / median of mlx-lm's runs "
+             f"(A and A': its first and last). Memory rate {_rate_text(result)}; "
+             f"limit = batch x rate / weight bytes.", "",
              "## Offline decode, tok/s", ""]
     rows = result["offline"]
     others = [v for v in VARIANTS if v != "default" and any(f"plugin_{v}" in r for r in rows)]
@@ -380,6 +417,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         help="engine variants beside the default (given: for every shape; "
                              "else sync and eager for the small shapes)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="offline: runs of each engine per batch, each round followed by "
+                             "one of mlx-lm's; figures are medians")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "vllm-metal-gpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -394,13 +434,15 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     result = {"device": info.get("device_name", str(mx.default_device())), "mlx": mx.__version__,
-              "copy_gb_s": copy_rate_gb_s(), "offline": [], "online": []}
+              "copy_gb_s": copy_rate_gb_s(), "read_gb_s": read_rate_gb_s(), "rounds": args.rounds,
+              "offline": [], "online": []}
+    result["rate_gb_s"] = max(result["copy_gb_s"], result["read_gb_s"])
     for shape in args.shapes:
         model_dir = write_model(shape, args.models)
         if "offline" in args.parts:
-            result["offline"] += offline(shape, model_dir, logs, result["copy_gb_s"],
+            result["offline"] += offline(shape, model_dir, logs, result["rate_gb_s"],
                                          args.variants or ["sync", "eager"],
-                                         args.variants is not None)
+                                         args.variants is not None, args.rounds)
             save(result, args.out, started)  # a run cut short keeps what it measured
         if "online" in args.parts:
             result["online"] += online(shape, model_dir, logs)

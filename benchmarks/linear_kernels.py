@@ -63,7 +63,7 @@ def product_steps(out_features: int, in_features: int, rows: int, copies: int,
                 steps[f"vector, {r} rows a warp"] = joined(
                     lambda x, w, r=r: gemv.small_batch_linear(x, w, kernel="vector", per_warp=r))
         for split, unroll in split_unroll:
-            if (split, unroll) != (gemv.VECTOR_SPLIT, gemv.VECTOR_UNROLL):
+            if (split, unroll) != gemv.vector_choice(rows):
                 steps[f"vector, split {split} unroll {unroll}"] = joined(
                     lambda x, w, s=split, u=unroll: gemv.small_batch_linear(
                         x, w, kernel="vector", split=s, unroll=u))
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--per-warp", type=int, nargs="*", default=[1, 2, 4, 8])
     parser.add_argument("--split-unroll", nargs="*", default=["1-4", "2-2", "4-2", "4-4"],
-                        help="vector kernel: SPLIT-UNROLL (gemv.VECTOR_SPLIT, VECTOR_UNROLL)")
+                        help="vector kernel: SPLIT-UNROLL beside its own choice (gemv.vector_choice)")
     parser.add_argument("--tiles", nargs="*", default=["2-4-4", "1-2-4", "1-4-8"],
                         help="tensor-core tilings to try: GROUPS-UNROLL-SPLIT (gemv.TENSOR_TILES)")
     parser.add_argument("--steps", type=int, default=20)

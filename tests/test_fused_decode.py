@@ -124,3 +124,16 @@ def test_warps_a_block_past_cudas_limit_are_refused(warps):
     with pytest.raises(ValueError, match="CUDA blocks hold 1 to 32"):
         fused_decode.fused_decode_attention(qkv, pool, positions, write_rows, read_rows, 4, 2,
                                             0.125, inverse_frequencies(64), False, warps=warps)
+
+
+def test_warps_follow_the_blocks_and_the_setting(monkeypatch):
+    """32 warps where a step's blocks (batch x query heads) are few, 16 above;
+    VLLM_METAL_ATTENTION_WARPS wins where set, and a bad value is refused."""
+    monkeypatch.delenv("VLLM_METAL_ATTENTION_WARPS", raising=False)
+    assert fused_decode.warps_for(1, 32) == 32 and fused_decode.warps_for(4, 16) == 32
+    assert fused_decode.warps_for(8, 32) == 16 and fused_decode.warps_for(5, 16) == 16
+    monkeypatch.setenv("VLLM_METAL_ATTENTION_WARPS", "8")
+    assert fused_decode.warps_for(1, 32) == 8
+    monkeypatch.setenv("VLLM_METAL_ATTENTION_WARPS", "64")
+    with pytest.raises(ValueError, match="VLLM_METAL_ATTENTION_WARPS='64'"):
+        fused_decode.warps_for(1, 32)

@@ -240,3 +240,18 @@ def test_reference_linear_is_the_plain_layers():
     residual = mx.array(rng.standard_normal((2, 1, 24)), dtype=mx.float32)
     got = gemv.reference_linear(x, layer.weight, layer.bias, (norm.weight, norm.eps), residual)
     assert mx.allclose(got, residual + layer(norm(x)), atol=1e-5).item()
+
+
+def test_vector_choice_follows_the_rows_and_the_setting(monkeypatch):
+    """The width split 4 ways with 4 loads in flight at 1 and 2 rows, the first
+    choice above; VLLM_METAL_GEMV_SPLIT_UNROLL wins where set; a split that does not
+    divide the block's warps is refused."""
+    monkeypatch.delenv("VLLM_METAL_GEMV_SPLIT_UNROLL", raising=False)
+    assert gemv.vector_choice(1) == gemv.vector_choice(2) == gemv.SPLIT_UNROLL == (4, 4)
+    assert gemv.vector_choice(3) == gemv.vector_choice(8) == (1, 2)
+    monkeypatch.setenv("VLLM_METAL_GEMV_SPLIT_UNROLL", "2-8")
+    assert gemv.vector_choice(1) == gemv.vector_choice(8) == (2, 8)
+    for bad in ("8-2", "3-1", "4-0", "4"):
+        monkeypatch.setenv("VLLM_METAL_GEMV_SPLIT_UNROLL", bad)
+        with pytest.raises(ValueError, match="SPLIT-UNROLL"):
+            gemv.vector_choice(1)

@@ -147,10 +147,17 @@ def _kernel():
     )
 
 
-def warps_for(batch: int) -> int:
-    """A block's warps for a decode step of ``batch`` requests:
-    ``VLLM_METAL_ATTENTION_WARPS`` where given, else ``WARPS``."""
-    return envs.VLLM_METAL_ATTENTION_WARPS or WARPS
+# Few blocks (a request's heads at batch 1) each take 32 warps, more blocks 16 (H200,
+# benchmarks/attention_kernels: Llama-3-8B's heads at batch 1, 8 and 12 and contexts of
+# 128 and 1024, each of 16 and 32 warps 1.5-5x faster than 4; 32 ahead at batch 1).
+MANY_WARPS_BLOCKS = 64
+
+
+def warps_for(batch: int, heads: int) -> int:
+    """A block's warps for a decode step of ``batch`` requests of ``heads`` query
+    heads (a block each): ``VLLM_METAL_ATTENTION_WARPS`` where given; else 32 where
+    the blocks are too few to fill the GPU with 16, 16 otherwise."""
+    return envs.VLLM_METAL_ATTENTION_WARPS or (32 if batch * heads <= MANY_WARPS_BLOCKS else 16)
 
 
 def fused_decode_attention(qkv, pool, offsets, write_rows, read_rows, heads: int, kv_heads: int,

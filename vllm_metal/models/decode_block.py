@@ -155,7 +155,7 @@ class FusedDecodeStep:
             self._traditional, None if q_norm is None else q_norm.weight,
             None if q_norm is None else attention.k_norm.weight,
             0.0 if q_norm is None else q_norm.eps, write=in_place,
-            warps=fused_decode.warps_for(x.shape[0]))
+            warps=fused_decode.warps_for(x.shape[0], attention.n_heads))
         if not in_place:
             result, keys, values = result
             cache._write(keys, values)

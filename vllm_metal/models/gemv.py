@@ -48,6 +48,11 @@ TENSOR_TILES = (1, 4, 8)
 # the loads of each weight row a lane has in flight before it uses the first.
 VECTOR_SPLIT = 1
 VECTOR_UNROLL = 2
+# At 1 and 2 rows, the block's 4 warps share each weight row, 4 loads in flight each:
+# Llama-3-8B's four products of a layer in 183 against 359 us at 1 row, 191 against 348 at
+# 2 (H200, benchmarks/linear_kernels, each product alone); above, not yet measured.
+SPLIT_UNROLL = (4, 4)
+SPLIT_MAX_ROWS = 2
 
 _SOURCE = """
     constexpr int VEC = 16 / sizeof(T);
@@ -349,11 +354,14 @@ def rows_per_warp(rows: int) -> int:
     return 1 if rows == 1 else 2 if rows == 2 else 4
 
 
-def vector_choice(weight: mx.array, rows: int) -> tuple[int, int]:
-    """The vector kernel's (split, unroll) for ``rows`` rows of ``weight``:
-    ``VLLM_METAL_GEMV_SPLIT_UNROLL`` where given, else ``VECTOR_SPLIT`` and
-    ``VECTOR_UNROLL``."""
-    return envs.VLLM_METAL_GEMV_SPLIT_UNROLL or (VECTOR_SPLIT, VECTOR_UNROLL)
+def vector_choice(rows: int) -> tuple[int, int]:
+    """The vector kernel's (split, unroll) for ``rows`` rows:
+    ``VLLM_METAL_GEMV_SPLIT_UNROLL`` where given; else, up to ``SPLIT_MAX_ROWS`` rows,
+    ``SPLIT_UNROLL``, and ``VECTOR_SPLIT`` and ``VECTOR_UNROLL`` above."""
+    chosen = envs.VLLM_METAL_GEMV_SPLIT_UNROLL
+    if chosen is not None:
+        return chosen
+    return SPLIT_UNROLL if rows <= SPLIT_MAX_ROWS else (VECTOR_SPLIT, VECTOR_UNROLL)
 
 
 def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
@@ -390,7 +398,7 @@ def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = No
                     ("F16", weight.dtype == mx.float16)]
     else:
         per_warp = per_warp or rows_per_warp(rows)
-        chosen_split, chosen_unroll = vector_choice(weight, rows)
+        chosen_split, chosen_unroll = vector_choice(rows)
         split, unroll = split or chosen_split, unroll or chosen_unroll
         if WARPS % split:
             raise ValueError(f"split {split} does not divide the block's {WARPS} warps")
