@@ -59,3 +59,18 @@ def test_decode_step_cost_does_not_grow_with_the_cache(tiny_model, capfd, monkey
     small, large = medians
     # Copying 2 GB of pools takes hundreds of milliseconds here.
     assert large < max(3 * small, small + 20), medians
+
+
+def test_each_decode_shape_is_traced_once(tiny_model, capfd):
+    """Requests joining and leaving (decode batches of 7 down to 1 rows, contexts of
+    4 to 90 tokens) trace one graph per bucket of rows and blocks read, never the
+    same bucket twice: a retrace per step would cost a trace's time every step."""
+    model = tiny_model("qwen3")
+    capfd.readouterr()
+    generate(model, False)
+    captured = capfd.readouterr()
+    traced = [(int(rows), int(blocks)) for rows, blocks in re.findall(
+        r"Decode step traced for (\d+) rows, (\d+) blocks read", captured.out + captured.err)]
+    assert traced and len(traced) == len(set(traced)), traced
+    assert {rows for rows, _ in traced} <= {1, 2, 4, 8}, traced
+    assert all(blocks & (blocks - 1) == 0 for _, blocks in traced), traced

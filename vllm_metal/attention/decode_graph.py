@@ -15,6 +15,8 @@ eager steps, with a plan of its traced inputs in place of ``BatchPlan``.
 as prefill chunks always do.
 """
 
+import logging
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -29,6 +31,9 @@ from vllm_metal.attention.paged import (
     position_rows,
     with_values,
 )
+
+
+logger = logging.getLogger("vllm.metal")
 
 
 def bucket(n: int) -> int:
@@ -58,6 +63,7 @@ class DecodeGraphs:
         self.windows = sorted(set(windows) | {None}, key=lambda w: -1 if w is None else w)
         self.grouped_mask = grouped_mask
         self._step = mx.compile(self._forward)
+        self.traces: list[tuple[int, int]] = []  # (rows, blocks read) of each trace
 
     def logits(self, tokens: mx.array, block_tables: np.ndarray, positions: np.ndarray) -> mx.array:
         """``tokens`` [B, 1]; ``positions`` [B] of those tokens -> logits [B, vocab]."""
@@ -67,8 +73,13 @@ class DecodeGraphs:
             tokens = mx.concatenate([tokens, mx.zeros((rows - batch, 1), tokens.dtype)])
         inputs = self._inputs(block_tables, positions, rows)
         kv = self.kv
+        traces, start = len(self.traces), time.perf_counter()
         outputs = self._step(tokens, inputs.offsets, inputs.write_rows, inputs.read_blocks,
                              inputs.masks, kv.pools)
+        if len(self.traces) > traces:  # mx.compile ran _forward: a new shape was traced
+            logger.info("Decode step traced for %d rows, %d blocks read: %.0f ms on the host "
+                        "(its kernels may still compile at their first launch); %d traces so far",
+                        *self.traces[-1], 1e3 * (time.perf_counter() - start), len(self.traces))
         logits = outputs[0]
         if not self.writes_in_place:
             kv.pools = outputs[1]
@@ -102,6 +113,7 @@ class DecodeGraphs:
         )
 
     def _forward(self, tokens, offsets, write_rows, read_blocks, masks, pools):
+        self.traces.append((tokens.shape[0], read_blocks.shape[-1]))  # runs only when traced
         pools = list(pools)
         plan = StepPlan(offsets, write_rows, position_rows(read_blocks, self.kv.block_size),
                          dict(zip(self.windows, masks)), self.use_kernel, self.writes_in_place)
