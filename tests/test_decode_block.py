@@ -69,9 +69,9 @@ def test_fused_decode_steps_give_the_plain_tokens(arch, overrides, tiny_model, m
     calls = []
 
     def stand_in(qkv, pool, offsets, write_rows, read_rows, heads, kv_heads, scale, inv_freq,
-                 traditional, q_norm=None, k_norm=None, eps=0.0, write=True):
+                 traditional, q_norm=None, k_norm=None, eps=0.0, write=True, warps=None):
         assert not write, "off CUDA the pools are written by a scatter"
-        calls.append((qkv.shape, q_norm is not None))
+        calls.append((qkv.shape, q_norm is not None, warps == fused_decode.warps_for(len(qkv), heads)))
         return fused_decode.reference(qkv, pool, offsets, read_rows, heads, kv_heads, scale,
                                       inv_freq, traditional, q_norm, k_norm, eps)
 
@@ -82,7 +82,8 @@ def test_fused_decode_steps_give_the_plain_tokens(arch, overrides, tiny_model, m
         fused = generate(model)
     assert fused == plain
     assert calls, "no decode step took the fused path"
-    assert {with_norm for _, with_norm in calls} == {arch == "qwen3"}
+    assert {with_norm for _, with_norm, _ in calls} == {arch == "qwen3"}
+    assert all(warps_by_size for _, _, warps_by_size in calls)
 
 
 def test_eager_steps_keep_mlx_lms_layers(tiny_model, monkeypatch):

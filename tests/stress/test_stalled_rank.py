@@ -23,7 +23,11 @@ from vllm_metal.testing.ray_nodes import (RayCluster, can_run_ray, ray_worker_pr
 from vllm_metal.testing.server import Server
 
 pytestmark = requires_tool(can_simulate_hosts())
-LIMIT_S = 10
+LIMIT_S = 10  # the client's error
+# Every host's processes gone: the peer timeout (3 s), rank 0's own shutdown, then the
+# launcher's grace for the other hosts (2 s: a stopped rank ignores SIGTERM). About 6.5 s
+# alone; 10.0 s once in CI beside another test worker.
+EXIT_LIMIT_S = 15
 
 
 def namespace_of(process: psutil.Process) -> str:
@@ -88,7 +92,7 @@ def check_silenced_rank_stops_everything(url, model, server_process, processes, 
     log = output()
     assert errored, log[-3000:]
     assert client_s < LIMIT_S, (client_s, log[-3000:])
-    assert exit_s < LIMIT_S, (exit_s, log[-3000:])
+    assert exit_s < EXIT_LIMIT_S, (exit_s, log[-3000:])
     assert f"lost contact with rank 1 ({hosts.addresses[1]})" in log, log[-3000:]
     if fault == "stop":
         for victim in victims:
