@@ -62,15 +62,78 @@ def test_decode_step_cost_does_not_grow_with_the_cache(tiny_model, capfd, monkey
 
 
 def test_each_decode_shape_is_traced_once(tiny_model, capfd):
-    """Requests joining and leaving (decode batches of 7 down to 1 rows, contexts of
-    4 to 90 tokens) trace one graph per bucket of rows and blocks read, never the
-    same bucket twice: a retrace per step would cost a trace's time every step."""
+    """The engine traces each rows bucket at startup, then, as requests join and leave
+    (decode batches of 7 down to 1 rows, contexts of 4 to 90 tokens), one graph per
+    new bucket of rows and blocks read, never the same bucket twice: a retrace per
+    step would cost a trace's time every step."""
     model = tiny_model("qwen3")
     capfd.readouterr()
     generate(model, False)
     captured = capfd.readouterr()
+    log = captured.out + captured.err
+    warmed = re.search(r"Decode steps traced and run for ([\d, ]+) rows \((\d+) blocks read\)", log)
+    assert warmed, log[-3000:]
+    warmed_rows = [int(rows) for rows in warmed[1].split(", ")]
+    # Every bucket up to max_num_seqs, whatever vLLM's default for it here.
+    assert warmed_rows == [1 << i for i in range(len(warmed_rows))] and warmed_rows[-1] >= 8
+    startup = {(rows, int(warmed[2])) for rows in warmed_rows}
     traced = [(int(rows), int(blocks)) for rows, blocks in re.findall(
-        r"Decode step traced for (\d+) rows, (\d+) blocks read", captured.out + captured.err)]
+        r"Decode step traced for (\d+) rows, (\d+) blocks read", log)]
     assert traced and len(traced) == len(set(traced)), traced
+    assert not startup & set(traced), traced
     assert {rows for rows, _ in traced} <= {1, 2, 4, 8}, traced
     assert all(blocks & (blocks - 1) == 0 for _, blocks in traced), traced
+
+
+@pytest.mark.parametrize("use_kernel, expected", [
+    # MLX's attention reads every position it is given: the bucket follows the context.
+    (False, {1: 1, 17: 2, 100: 8, 2048: 128, 2049: 256}),
+    # A kernel reads up to each position: contexts up to 2048 share 128 blocks of 16.
+    (True, {1: 128, 17: 128, 100: 128, 2048: 128, 2049: 256}),
+])
+def test_blocks_read_bucket(use_kernel, expected):
+    import mlx.core as mx
+    import numpy as np
+
+    from vllm_metal.attention.decode_graph import DecodeGraphs
+    from vllm_metal.attention.paged import PagedKVCache
+
+    kv = PagedKVCache(num_layers=1, num_blocks=4, block_size=16, num_kv_heads=2, head_dim=8,
+                      dtype=mx.float32)
+    graphs = DecodeGraphs(None, kv, [None], grouped_mask=False, use_kernel=use_kernel)
+    tables = np.ones((2, 300), np.int64)
+    for context, blocks in expected.items():
+        inputs = graphs._inputs(tables, np.array([context - 1, 0]), rows=2)
+        assert inputs.read_blocks.shape == (4, 2, blocks), (context, inputs.read_blocks.shape)
+        assert inputs.masks[0].shape[-1] == 16 * blocks
+
+
+class FailsAboveRows:
+    """A model whose step fails above some rows, as MLX 0.32.4's CUDA build fails an
+    8B model's launch at 16 rows in mlx-lm's own loop."""
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+
+    def hidden_states(self, tokens, caches):
+        if tokens.shape[0] > self.max_rows:
+            raise RuntimeError("invalid argument")
+        return tokens[..., None] * 2.0
+
+    def logits(self, hidden):
+        return hidden
+
+
+def test_warm_up_traces_each_rows_bucket_and_refuses_a_batch_that_fails():
+    import mlx.core as mx
+
+    from vllm_metal.attention.decode_graph import DecodeGraphs
+    from vllm_metal.attention.paged import PagedKVCache
+
+    kv = PagedKVCache(num_layers=1, num_blocks=4, block_size=16, num_kv_heads=2, head_dim=8,
+                      dtype=mx.float32)
+    graphs = DecodeGraphs(FailsAboveRows(4), kv, [None], grouped_mask=False)
+    assert graphs.warm_up(3) == [(1, 1), (2, 1), (4, 1)]
+    with pytest.raises(RuntimeError, match=r"a decode step of 8 rows failed at startup "
+                                           r"\(invalid argument\); --max-num-seqs 4 keeps"):
+        graphs.warm_up(256)

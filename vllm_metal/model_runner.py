@@ -288,12 +288,21 @@ class MetalModelRunner:
 
     def warm_up(self) -> None:
         """One single-token forward into the null block (block 0, never handed to
-        requests), so the first request does not pay for MLX's first-call setup."""
+        requests), so the first request does not pay for MLX's first-call setup; then
+        the compiled decode step of each batch bucket, traced before any request waits."""
         plan = BatchPlan.build(np.zeros((1, 1), np.int32), [0], [1], self.block_size,
                                self.num_kv_heads, entries=self.kv_entries)
         hidden = self.model.hidden_states(mx.zeros((1, 1), mx.int32),
                                           self.kv_cache.layer_views(plan))
         self._evaluate(self._stage_result(hidden[:, -1]))
+        if self.decode_graphs is not None:
+            start = time.perf_counter()
+            traced = self.decode_graphs.warm_up(self.max_num_reqs)
+            if traced:
+                logger.info("Decode steps traced and run for %s rows (%d blocks read) in %.2f s "
+                            "(--enforce-eager: no compiled steps)",
+                            ", ".join(str(rows) for rows, _ in traced), traced[0][1],
+                            time.perf_counter() - start)
 
     # ---- step: states ------------------------------------------------------
     def update_states(self, scheduler_output) -> None:

@@ -4,7 +4,12 @@ A decode step (one new token per request) builds the same graph every time up
 to its shapes. ``mx.compile`` traces it once per shape and replays it, which
 cuts the host's cost of building and issuing a step: Python runs no model code,
 and MLX fuses elementwise chains. Shapes are bucketed (batch rows and blocks
-read, each to a power of two) so a handful of traces serve a whole run. Padded
+read, each to a power of two) so a handful of traces serve a whole run. Where
+the attention is a kernel that reads as far as each request's position (the paged
+and fused kernels), the blocks read cost nothing until used, so their bucket
+starts at ``KERNEL_MIN_READ_POSITIONS``: contexts below it share one trace per
+rows bucket, and ``warm_up`` traces those at startup, before the first request
+would wait for them. Padded
 rows write to and read from the null block and are dropped; keys past a
 request's context are hidden by the mask, never sliced off (a slice would give
 every step a new shape).
@@ -36,6 +41,12 @@ from vllm_metal.attention.paged import (
 logger = logging.getLogger("vllm.metal")
 
 
+# Contexts a kernel-read step's first blocks bucket covers. Its cost is an int32 pool row
+# per position, head and key or value built on the device per step (1 MiB at 16 rows
+# and 8 heads), and a mask's byte per position and row built on the host.
+KERNEL_MIN_READ_POSITIONS = 2048
+
+
 def bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -62,35 +73,60 @@ class DecodeGraphs:
         # None too: mlx-lm builds a plain causal mask before the layers ask for theirs.
         self.windows = sorted(set(windows) | {None}, key=lambda w: -1 if w is None else w)
         self.grouped_mask = grouped_mask
+        self.min_read_blocks = (bucket(-(-KERNEL_MIN_READ_POSITIONS // kv_cache.block_size))
+                                if use_kernel else 1)
         self._step = mx.compile(self._forward)
         self.traces: list[tuple[int, int]] = []  # (rows, blocks read) of each trace
 
     def logits(self, tokens: mx.array, block_tables: np.ndarray, positions: np.ndarray) -> mx.array:
         """``tokens`` [B, 1]; ``positions`` [B] of those tokens -> logits [B, vocab]."""
+        traces, start = len(self.traces), time.perf_counter()
+        logits = self._logits(tokens, block_tables, positions)
+        if len(self.traces) > traces:  # mx.compile ran _forward: a new shape was traced
+            logger.info("Decode step traced for %d rows, %d blocks read: %.0f ms on the host "
+                        "(its kernels may still compile at their first launch); %d traces so far",
+                        *self.traces[-1], 1e3 * (time.perf_counter() - start), len(self.traces))
+        return logits
+
+    def _logits(self, tokens: mx.array, block_tables: np.ndarray, positions: np.ndarray):
         batch = len(positions)
         rows = bucket(batch)
         if rows > batch:
             tokens = mx.concatenate([tokens, mx.zeros((rows - batch, 1), tokens.dtype)])
         inputs = self._inputs(block_tables, positions, rows)
         kv = self.kv
-        traces, start = len(self.traces), time.perf_counter()
         outputs = self._step(tokens, inputs.offsets, inputs.write_rows, inputs.read_blocks,
                              inputs.masks, kv.pools)
-        if len(self.traces) > traces:  # mx.compile ran _forward: a new shape was traced
-            logger.info("Decode step traced for %d rows, %d blocks read: %.0f ms on the host "
-                        "(its kernels may still compile at their first launch); %d traces so far",
-                        *self.traces[-1], 1e3 * (time.perf_counter() - start), len(self.traces))
         logits = outputs[0]
         if not self.writes_in_place:
             kv.pools = outputs[1]
         return logits[:batch] if rows > batch else logits
+
+    def warm_up(self, max_rows: int) -> list[tuple[int, int]]:
+        """Trace and run a step of each rows bucket up to ``max_rows``, at the first
+        blocks bucket, all rows on the null block (never handed to requests): the
+        (rows, blocks) traced."""
+        first = len(self.traces)
+        for rows in (1 << i for i in range(bucket(max_rows).bit_length())):
+            tables = np.full((rows, 1), NULL_BLOCK, np.int64)
+            try:
+                mx.eval(self._logits(mx.zeros((rows, 1), mx.int32), tables,
+                                     np.zeros(rows, np.int64)))
+            except RuntimeError as error:
+                if rows == 1:
+                    raise
+                # Better refused now than failing a server's requests once its batch grows.
+                raise RuntimeError(
+                    f"a decode step of {rows} rows failed at startup ({error}); --max-num-seqs "
+                    f"{rows // 2} keeps every batch to the sizes that ran") from error
+        return self.traces[first:]
 
     def _inputs(self, block_tables: np.ndarray, positions: np.ndarray, rows: int) -> DecodeInputs:
         bs, heads, entries = self.kv.block_size, self.kv.num_kv_heads, self.kv.entries
         batch = len(positions)
         pos = np.zeros(rows, np.int64)
         pos[:batch] = positions
-        num_read = bucket(int(pos.max()) // bs + 1)
+        num_read = max(bucket(int(pos.max()) // bs + 1), self.min_read_blocks)
         tables = np.full((rows, num_read), NULL_BLOCK, np.int64)
         width = min(num_read, block_tables.shape[1])
         tables[:batch, :width] = block_tables[:, :width]
