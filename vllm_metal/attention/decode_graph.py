@@ -7,7 +7,7 @@ and MLX fuses elementwise chains. Shapes are bucketed (batch rows and blocks
 read, each to a power of two) so a handful of traces serve a whole run. Where
 the attention is a kernel that reads as far as each request's position (the paged
 and fused kernels), the blocks read cost nothing until used, so their bucket
-starts at ``KERNEL_MIN_READ_POSITIONS``: contexts below it share one trace per
+starts at ``KERNEL_MIN_READ_POSITIONS``: contexts up to it share one trace per
 rows bucket, and ``warm_up`` traces those at startup, before the first request
 would wait for them. Padded
 rows write to and read from the null block and are dropped; keys past a
@@ -42,7 +42,7 @@ logger = logging.getLogger("vllm.metal")
 
 
 # Contexts a kernel-read step's first blocks bucket covers. Its cost is an int32 pool row
-# per position, head and key or value built on the device per step (1 MiB at 16 rows
+# per position, head and key or value built on the device per step (2 MiB at 16 rows
 # and 8 heads), and a mask's byte per position and row built on the host.
 KERNEL_MIN_READ_POSITIONS = 2048
 
