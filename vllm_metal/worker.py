@@ -174,7 +174,8 @@ class MetalWorker(WorkerBase):
     def compile_or_warm_up_model(self) -> CompilationTimes:
         start = time.perf_counter()
         self._on_mlx(self.model_runner.warm_up)
-        logger.info("Warm-up forward took %.2f s", time.perf_counter() - start)
+        logger.info("Warm-up (a forward, then each decode batch bucket) took %.2f s",
+                    time.perf_counter() - start)
         if self.model_parallel is not None:
             self.model_parallel.watch_peers(envs.VLLM_METAL_PEER_TIMEOUT)
         return CompilationTimes(language_model=0.0, encoder=0.0)
