@@ -85,6 +85,18 @@ def test_each_decode_shape_is_traced_once(tiny_model, capfd):
     assert all(blocks & (blocks - 1) == 0 for _, blocks in traced), traced
 
 
+def small_graphs(model, use_kernel: bool = False):
+    """Decode graphs over a 4-block cache of 16-token blocks, 2 KV heads of size 8."""
+    import mlx.core as mx
+
+    from vllm_metal.attention.decode_graph import DecodeGraphs
+    from vllm_metal.attention.paged import PagedKVCache
+
+    kv = PagedKVCache(num_layers=1, num_blocks=4, block_size=16, num_kv_heads=2, head_dim=8,
+                      dtype=mx.float32)
+    return DecodeGraphs(model, kv, [None], grouped_mask=False, use_kernel=use_kernel)
+
+
 @pytest.mark.parametrize("use_kernel, expected", [
     # MLX's attention reads every position it is given: the bucket follows the context.
     (False, {1: 1, 17: 2, 100: 8, 2048: 128, 2049: 256}),
@@ -92,15 +104,9 @@ def test_each_decode_shape_is_traced_once(tiny_model, capfd):
     (True, {1: 128, 17: 128, 100: 128, 2048: 128, 2049: 256}),
 ])
 def test_blocks_read_bucket(use_kernel, expected):
-    import mlx.core as mx
     import numpy as np
 
-    from vllm_metal.attention.decode_graph import DecodeGraphs
-    from vllm_metal.attention.paged import PagedKVCache
-
-    kv = PagedKVCache(num_layers=1, num_blocks=4, block_size=16, num_kv_heads=2, head_dim=8,
-                      dtype=mx.float32)
-    graphs = DecodeGraphs(None, kv, [None], grouped_mask=False, use_kernel=use_kernel)
+    graphs = small_graphs(None, use_kernel)
     tables = np.ones((2, 300), np.int64)
     for context, blocks in expected.items():
         inputs = graphs._inputs(tables, np.array([context - 1, 0]), rows=2)
@@ -125,14 +131,7 @@ class FailsAboveRows:
 
 
 def test_warm_up_traces_each_rows_bucket_and_refuses_a_batch_that_fails():
-    import mlx.core as mx
-
-    from vllm_metal.attention.decode_graph import DecodeGraphs
-    from vllm_metal.attention.paged import PagedKVCache
-
-    kv = PagedKVCache(num_layers=1, num_blocks=4, block_size=16, num_kv_heads=2, head_dim=8,
-                      dtype=mx.float32)
-    graphs = DecodeGraphs(FailsAboveRows(4), kv, [None], grouped_mask=False)
+    graphs = small_graphs(FailsAboveRows(4))
     assert graphs.warm_up(3) == [(1, 1), (2, 1), (4, 1)]
     with pytest.raises(RuntimeError, match=r"a decode step of 8 rows failed at startup "
                                            r"\(invalid argument\); --max-num-seqs 4 keeps"):
