@@ -104,14 +104,15 @@ def small_graphs(model, use_kernel: bool = False):
     (True, {1: 128, 17: 128, 100: 128, 2048: 128, 2049: 256}),
 ])
 def test_blocks_read_bucket(use_kernel, expected):
+    import mlx.core as mx
     import numpy as np
 
     graphs = small_graphs(None, use_kernel)
     tables = np.ones((2, 300), np.int64)
     for context, blocks in expected.items():
         inputs = graphs._inputs(tables, np.array([context - 1, 0]), rows=2)
-        assert inputs.read_blocks.shape == (4, 2, blocks), (context, inputs.read_blocks.shape)
-        assert inputs.masks[0].shape[-1] == 16 * blocks
+        assert inputs.tables.shape == (2, blocks), (context, inputs.tables.shape)
+        assert inputs.tables.dtype == mx.int32  # what the host sends: 4 bytes a block and row
 
 
 class FailsAboveRows:
@@ -136,3 +137,36 @@ def test_warm_up_traces_each_rows_bucket_and_refuses_a_batch_that_fails():
     with pytest.raises(RuntimeError, match=r"a decode step of 8 rows failed at startup "
                                            r"\(invalid argument\); --max-num-seqs 4 keeps"):
         graphs.warm_up(256)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_step_addresses_derived_on_the_device_match_the_eager_plan(window):
+    """The host sends positions and block tables; the pool rows each row writes and
+    reads, and the keys its mask lets it see, are those the eager ``BatchPlan`` gives."""
+    import mlx.core as mx
+    import numpy as np
+
+    from vllm_metal.attention.paged import BatchPlan
+
+    graphs = small_graphs(None)
+    graphs.windows = [None] if window is None else [None, window]
+    tables = np.array([[3, 1, 2], [2, 0, 0], [1, 3, 0]])
+    positions = np.array([37, 4, 16])  # the last writes a new block's first row
+    inputs = graphs._inputs(tables, positions, rows=4)
+    plan = graphs._plan(inputs.offsets, inputs.tables)
+    eager = BatchPlan.build(tables, positions, [1, 1, 1], 16, 2)
+    B, S = 3, int(positions.max()) + 1
+    got_writes = np.array(plan.write_rows).reshape(2, 4, 2)[:, :B]  # keys/values, rows, heads
+    assert np.array_equal(got_writes, np.array(eager.write_rows).reshape(2, B, 2))
+    got_reads = np.array(plan.read_rows).reshape(2, 4, 2, -1)[:, :B, :, :S]
+    want_reads = np.array(eager.read_rows).reshape(2, B, 2, S)
+    for row, position in enumerate(positions):
+        seen = slice(0, position + 1)
+        assert np.array_equal(got_reads[:, row, :, seen], want_reads[:, row, :, seen]), row
+    for mask_window, mask in plan.masks.items():
+        allowed = np.array(mask).reshape(4, -1)[:B]
+        for row, position in enumerate(positions):
+            first = 0 if mask_window is None else position - mask_window + 1
+            want = [first <= key <= position for key in range(allowed.shape[1])]
+            assert allowed[row].tolist() == want, (mask_window, row)
+    assert plan.offsets.dtype == mx.int32

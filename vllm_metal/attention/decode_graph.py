@@ -28,14 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from vllm_metal.attention import decode_kernel
-from vllm_metal.attention.paged import (
-    NULL_BLOCK,
-    window_of,
-    PagedKVCache,
-    block_rows,
-    position_rows,
-    with_values,
-)
+from vllm_metal.attention.paged import NULL_BLOCK, PagedKVCache, pool_rows, position_rows, window_of
 
 
 logger = logging.getLogger("vllm.metal")
@@ -43,7 +36,7 @@ logger = logging.getLogger("vllm.metal")
 
 # Contexts a kernel-read step's first blocks bucket covers. Its cost is an int32 pool row
 # per position, head and key or value built on the device per step (2 MiB at 16 rows
-# and 8 heads), and a mask's byte per position and row built on the host.
+# and 8 heads), and the block table the host sends (512 bytes a row).
 KERNEL_MIN_READ_POSITIONS = 2048
 
 
@@ -53,12 +46,11 @@ def bucket(n: int) -> int:
 
 @dataclass
 class DecodeInputs:
-    """One decode step's addresses, padded to its bucket."""
+    """One decode step's addresses, padded to its bucket: all the host sends. The
+    pool rows and masks are derived from them on the device, in the traced step."""
 
-    offsets: mx.array  # [Bp] position of each row's new token
-    write_rows: mx.array  # [2 * Bp, H, 1] pool row of each new key, then value
-    read_blocks: mx.array  # [2 * Bp, H, Np] first row of each block-head read, keys then values
-    masks: list[mx.array]  # one per window: [Bp, 1, 1, Np * block_size] (one more axis: grouped)
+    offsets: mx.array  # [Bp] int32 position of each row's new token
+    tables: mx.array  # [Bp, Np] int32 blocks read; the null block past each row's position
 
 
 class DecodeGraphs:
@@ -95,8 +87,7 @@ class DecodeGraphs:
             tokens = mx.concatenate([tokens, mx.zeros((rows - batch, 1), tokens.dtype)])
         inputs = self._inputs(block_tables, positions, rows)
         kv = self.kv
-        outputs = self._step(tokens, inputs.offsets, inputs.write_rows, inputs.read_blocks,
-                             inputs.masks, kv.pools)
+        outputs = self._step(tokens, inputs.offsets, inputs.tables, kv.pools)
         logits = outputs[0]
         if not self.writes_in_place:
             kv.pools = outputs[1]
@@ -122,7 +113,7 @@ class DecodeGraphs:
         return self.traces[first:]
 
     def _inputs(self, block_tables: np.ndarray, positions: np.ndarray, rows: int) -> DecodeInputs:
-        bs, heads, entries = self.kv.block_size, self.kv.num_kv_heads, self.kv.entries
+        bs = self.kv.block_size
         batch = len(positions)
         pos = np.zeros(rows, np.int64)
         pos[:batch] = positions
@@ -131,28 +122,38 @@ class DecodeGraphs:
         width = min(num_read, block_tables.shape[1])
         tables[:batch, :width] = block_tables[:, :width]
         tables[np.arange(num_read)[None, :] * bs > pos[:, None]] = NULL_BLOCK
-        write_block = tables[np.arange(rows), pos // bs]
-        write = block_rows(write_block[:, None], heads, bs, entries) + (pos % bs)[:, None, None]
-        key_pos = np.arange(num_read * bs)[None, :]
+        return DecodeInputs(offsets=mx.array(pos.astype(np.int32)),
+                            tables=mx.array(tables.astype(np.int32)))
+
+    def _plan(self, offsets: mx.array, tables: mx.array) -> "StepPlan":
+        """The step's pool rows and masks, from what the host sent."""
+        kv, bs = self.kv, self.kv.block_size
+        write_block = mx.take_along_axis(tables, (offsets // bs)[:, None], axis=1)
+        write_rows = pool_rows(write_block, kv.num_kv_heads, bs, kv.entries,
+                               within=(offsets % bs)[:, None])
+        read_rows = position_rows(pool_rows(tables, kv.num_kv_heads, bs, kv.entries), bs)
+        masks = self._masks(offsets, tables.shape[-1] * bs)
+        return StepPlan(offsets, write_rows, read_rows, dict(zip(self.windows, masks)),
+                        self.use_kernel, self.writes_in_place)
+
+    def _masks(self, offsets: mx.array, num_keys: int) -> list[mx.array]:
+        """One per window: [Bp, 1, 1, num_keys] (one more axis: grouped), the keys
+        each row may see. Unused where a kernel attends: the trace then drops them."""
+        key_pos = mx.arange(num_keys, dtype=mx.int32)[None, :]
+        pos = offsets[:, None]
         masks = []
         for window in self.windows:
-            allowed = key_pos <= pos[:, None]
+            allowed = key_pos <= pos
             if window is not None:
-                allowed &= key_pos > pos[:, None] - window
-            shape = (rows, 1, 1, 1, -1) if self.grouped_mask else (rows, 1, 1, -1)
-            masks.append(mx.array(allowed.reshape(shape)))
-        return DecodeInputs(
-            offsets=mx.array(pos.astype(np.int32)),
-            write_rows=with_values(write, heads, bs, entries),
-            read_blocks=with_values(block_rows(tables, heads, bs, entries), heads, bs, entries),
-            masks=masks,
-        )
+                allowed = allowed & (key_pos > pos - window)
+            shape = (len(offsets), 1, 1, 1, -1) if self.grouped_mask else (len(offsets), 1, 1, -1)
+            masks.append(allowed.reshape(shape))
+        return masks
 
-    def _forward(self, tokens, offsets, write_rows, read_blocks, masks, pools):
-        self.traces.append((tokens.shape[0], read_blocks.shape[-1]))  # runs only when traced
+    def _forward(self, tokens, offsets, tables, pools):
+        self.traces.append((tokens.shape[0], tables.shape[-1]))  # runs only when traced
         pools = list(pools)
-        plan = StepPlan(offsets, write_rows, position_rows(read_blocks, self.kv.block_size),
-                         dict(zip(self.windows, masks)), self.use_kernel, self.writes_in_place)
+        plan = self._plan(offsets, tables)
         hidden = self.model.hidden_states(tokens, [self.kv.layer_cache(pools, i, plan)
                                                    for i in range(len(pools))])
         logits = self.model.logits(hidden[:, -1])

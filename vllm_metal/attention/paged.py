@@ -72,23 +72,27 @@ class PagedKVCache:
         return [self.layer_cache(self.pools, i, plan) for i in range(len(self.pools))]
 
 
-def block_rows(tables: np.ndarray, num_kv_heads: int, block_size: int,
-               entries: int = 2) -> np.ndarray:
-    """Block ids ``[B, n]`` -> ``[B, kv_heads, n]``: the first pool row of each
-    block's key head (its value head's is ``kv_heads * block_size`` on)."""
-    heads = np.arange(num_kv_heads)[None, :, None]
-    return (tables[:, None, :] * entries * num_kv_heads + heads) * block_size
+def pool_rows(blocks: mx.array, num_kv_heads: int, block_size: int, entries: int = 2,
+              within: mx.array | None = None) -> mx.array:
+    """Block ids ``[B, n]`` (int32) -> ``[entries * B, kv_heads, n]``: the pool row
+    of each block's key head (at ``within`` [B, n] positions into the block; its
+    first row by default), then the same for its value head (the layout
+    ``concatenate([keys, values])`` has; a latent pool, one entry, has none).
 
-
-def with_values(key_rows: np.ndarray, num_kv_heads: int, block_size: int,
-                entries: int = 2) -> mx.array:
-    """Pool rows ``[B, ...]`` of keys -> ``[2B, ...]``: those rows, then the same
-    positions' value rows (the layout ``concatenate([keys, values])`` has). A
-    latent pool (one entry) has no value rows."""
+    Built on the device from the block ids: an array the host writes costs the
+    device by its bytes (on MLX's CUDA build its pages move at the first read;
+    ``benchmarks.host_inputs``), and the rows are ``entries * kv_heads`` times as many."""
+    heads = mx.arange(num_kv_heads, dtype=mx.int32)[None, :, None]
+    keys = (blocks[:, None, :] * (entries * num_kv_heads) + heads) * block_size
+    if within is not None:
+        keys = keys + within[:, None, :]
     if entries == 1:
-        return mx.array(key_rows.astype(np.int32))
-    rows = np.concatenate([key_rows, key_rows + num_kv_heads * block_size])
-    return mx.array(rows.astype(np.int32))
+        return keys
+    return mx.concatenate([keys, keys + num_kv_heads * block_size])
+
+
+def _int32(values: np.ndarray) -> mx.array:
+    return mx.array(values.astype(np.int32))
 
 
 def position_rows(first_rows: mx.array, block_size: int, num_keys: int | None = None):
@@ -132,20 +136,18 @@ class BatchPlan:
         block_idx = np.minimum(query_pos // block_size, tables.shape[1] - 1)
         write_block = np.where(padded, NULL_BLOCK, tables[np.arange(B)[:, None], block_idx])
         write_offset = np.where(padded, 0, query_pos % block_size)
-        write = (block_rows(write_block, num_kv_heads, block_size, entries)
-                 + write_offset[:, None, :])
 
         num_read = -(-S // block_size)
         read = np.zeros((B, num_read), dtype=np.int64)
         width = min(num_read, tables.shape[1])
         read[:, :width] = tables[:, :width]
         read[np.arange(num_read)[None, :] * block_size >= ctx[:, None]] = NULL_BLOCK
-        first_rows = with_values(block_rows(read, num_kv_heads, block_size, entries),
-                                 num_kv_heads, block_size, entries)
+        first_rows = pool_rows(_int32(read), num_kv_heads, block_size, entries)
 
         return cls(
-            offsets=mx.array(start.astype(np.int32)),
-            write_rows=with_values(write, num_kv_heads, block_size, entries),
+            offsets=_int32(start),
+            write_rows=pool_rows(_int32(write_block), num_kv_heads, block_size, entries,
+                                 within=_int32(write_offset)),
             read_rows=position_rows(first_rows, block_size, S),
             query_pos=query_pos,
             context_lens=ctx,
