@@ -36,7 +36,8 @@ logger = logging.getLogger("vllm.metal")
 
 # Contexts a kernel-read step's first blocks bucket covers. Its cost is an int32 pool row
 # per position, head and key or value built on the device per step (2 MiB at 16 rows
-# and 8 heads), and the block table the host sends (512 bytes a row).
+# and 8 heads). The host sends only the blocks a step's contexts reach; the bucket's
+# remaining null blocks are padded on the device.
 KERNEL_MIN_READ_POSITIONS = 2048
 
 
@@ -117,13 +118,16 @@ class DecodeGraphs:
         batch = len(positions)
         pos = np.zeros(rows, np.int64)
         pos[:batch] = positions
-        num_read = max(bucket(int(pos.max()) // bs + 1), self.min_read_blocks)
-        tables = np.full((rows, num_read), NULL_BLOCK, np.int64)
-        width = min(num_read, block_tables.shape[1])
+        used = bucket(int(pos.max()) // bs + 1)
+        tables = np.full((rows, used), NULL_BLOCK, np.int64)
+        width = min(used, block_tables.shape[1])
         tables[:batch, :width] = block_tables[:, :width]
-        tables[np.arange(num_read)[None, :] * bs > pos[:, None]] = NULL_BLOCK
-        return DecodeInputs(offsets=mx.array(pos.astype(np.int32)),
-                            tables=mx.array(tables.astype(np.int32)))
+        tables[np.arange(used)[None, :] * bs > pos[:, None]] = NULL_BLOCK
+        sent = mx.array(tables.astype(np.int32))
+        if used < self.min_read_blocks:  # the bucket's null blocks written on the device
+            sent = mx.pad(sent, [(0, 0), (0, self.min_read_blocks - used)],
+                          constant_values=NULL_BLOCK)
+        return DecodeInputs(offsets=mx.array(pos.astype(np.int32)), tables=sent)
 
     def _plan(self, offsets: mx.array, tables: mx.array) -> "StepPlan":
         """The step's pool rows and masks, from what the host sent."""
