@@ -3,16 +3,17 @@
 A decode step (one new token per request) builds the same graph every time up
 to its shapes. ``mx.compile`` traces it once per shape and replays it, which
 cuts the host's cost of building and issuing a step: Python runs no model code,
-and MLX fuses elementwise chains. Shapes are bucketed (batch rows and blocks
-read, each to a power of two) so a handful of traces serve a whole run. Where
-the attention is a kernel that reads as far as each request's position (the paged
-and fused kernels), the blocks read cost nothing until used, so their bucket
-starts at ``KERNEL_MIN_READ_POSITIONS``: contexts up to it share one trace per
-rows bucket, and ``warm_up`` traces those at startup, before the first request
-would wait for them. Padded
-rows write to and read from the null block and are dropped; keys past a
-request's context are hidden by the mask, never sliced off (a slice would give
-every step a new shape).
+and MLX fuses elementwise chains. Shapes are bucketed so a few traces serve a
+whole run: batch rows to a power of two; blocks read, where MLX's attention reads
+every position it is given (the gathered context), to four buckets an octave (at
+most a quarter past the context). Where the attention is a kernel that reads as
+far as each request's position (the paged and fused kernels), the blocks read
+cost nothing until used: their bucket is a power of two from
+``KERNEL_MIN_READ_POSITIONS``, so contexts up to it share one trace per rows
+bucket, and ``warm_up`` traces those at startup, before the first request would
+wait for them. Padded rows write to and read from the null block and are
+dropped; keys past a request's context are hidden by the mask, never sliced off
+(a slice would give every step a new shape).
 
 The traced step reads and writes the pools through the same ``LayerCache`` as
 eager steps, with a plan of its traced inputs in place of ``BatchPlan``.
@@ -45,6 +46,16 @@ def bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def fine_bucket(n: int) -> int:
+    """``n`` rounded up to a power of two up to 8, then to an eighth of the next
+    power of two: at most a quarter past ``n``, four buckets an octave."""
+    top = bucket(n)
+    if top <= 8:
+        return top
+    step = top // 8
+    return -(-n // step) * step
+
+
 @dataclass
 class DecodeInputs:
     """One decode step's addresses, padded to its bucket: all the host sends. The
@@ -68,6 +79,9 @@ class DecodeGraphs:
         self.grouped_mask = grouped_mask
         self.min_read_blocks = (bucket(-(-KERNEL_MIN_READ_POSITIONS // kv_cache.block_size))
                                 if use_kernel else 1)
+        # MLX's attention reads every position it is given (the gathered context):
+        # buckets close to the context. A kernel reads to each position: few buckets.
+        self.blocks_bucket = bucket if use_kernel else fine_bucket
         self._step = mx.compile(self._forward)
         self.traces: list[tuple[int, int]] = []  # (rows, blocks read) of each trace
 
@@ -118,7 +132,7 @@ class DecodeGraphs:
         batch = len(positions)
         pos = np.zeros(rows, np.int64)
         pos[:batch] = positions
-        used = bucket(int(pos.max()) // bs + 1)
+        used = self.blocks_bucket(int(pos.max()) // bs + 1)
         tables = np.full((rows, used), NULL_BLOCK, np.int64)
         width = min(used, block_tables.shape[1])
         tables[:batch, :width] = block_tables[:, :width]
