@@ -175,12 +175,13 @@ class BatchPlan:
         B, L = self.query_pos.shape
         if L == 1 and window_size is None and np.all(self.context_lens == self.context_lens[0]):
             return None  # one token per request, equal contexts: nothing to hide
-        key_pos = np.arange(int(self.context_lens.max()))[None, None, :]
-        q = self.query_pos[:, :, None]
-        allowed = (key_pos <= q) & (key_pos < self.context_lens[:, None, None])
+        # Built on the device from positions: a prefill's mask is L x S bytes a request.
+        key_pos = mx.arange(int(self.context_lens.max()), dtype=mx.int32)[None, None, :]
+        q = _int32(self.query_pos)[:, :, None]
+        allowed = (key_pos <= q) & (key_pos < _int32(self.context_lens)[:, None, None])
         if window_size is not None:
-            allowed &= key_pos > q - window_size
-        return mx.array(allowed[:, None, None] if self.grouped_mask else allowed[:, None])
+            allowed = allowed & (key_pos > q - window_size)
+        return allowed[:, None, None] if self.grouped_mask else allowed[:, None]
 
 
 class LayerCache:
