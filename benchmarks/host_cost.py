@@ -6,7 +6,7 @@ CUDA, decode attention by the paged kernel); its step is measured eager
 (``--enforce-eager``, and every prefill chunk) and as the compiled decode graph
 the engine runs by default.
 
-    python -m benchmarks.host_cost MODEL_DIR [--batch 1 8] [--steps 40]
+    python -m benchmarks.host_cost MODEL_DIR [--batch 1 8] [--steps 40] [--context 64]
 """
 
 import argparse
@@ -143,12 +143,14 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--context", type=int, default=64, help="tokens of context per request")
     args = parser.parse_args()
-    from vllm_metal.device import select_device
+    from vllm_metal.device import keep_heap_between_steps, select_device
 
     select_device()
+    keep_heap_between_steps()  # as the engine's worker does
     for batch in args.batch:
-        print(json.dumps(measure(args.model, batch, args.steps)), flush=True)
+        print(json.dumps(measure(args.model, batch, args.steps, args.context)), flush=True)
 
 
 if __name__ == "__main__":
