@@ -10,8 +10,8 @@ machine drifts), at each batch size; the plugin with asynchronous scheduling
 off and with ``--enforce-eager`` as well (each feature's share); the bandwidth limit (weight bytes over the
 measured copy rate); the plugin's host time per step from VLLM_METAL_DEBUG's
 step lines. Then, for each shape, ``vllm serve`` against ``mlx_lm.server`` through
-``vllm bench serve`` at several concurrencies (mlx_lm.server, vllm serve,
-mlx_lm.server again). Writes ``benchmarks/results/gpu.md``,
+``vllm bench serve`` at several concurrencies, each after as many unmeasured
+requests as clients (mlx_lm.server, vllm serve, mlx_lm.server again). Writes ``benchmarks/results/gpu.md``,
 ``gpu.json`` and ``gpu.png``.
 """
 
@@ -295,7 +295,9 @@ def online(shape: str, model_dir: Path, logs: Path) -> list[dict]:
         SCALES["smoke"], name="gpu", serve_concurrencies=CONCURRENCIES, serve_prompt_len=PROMPT_LEN,
         serve_output_len=NEW_TOKENS, serve_prompts_per_client=2, kv_cache_bytes=KV_CACHE_BYTES,
         max_model_len=1024, timeout_s=420)
-    runs = [("serving", {"concurrency": c}, serving.concurrency_args(scale, c))
+    # Warm-up requests as many as the clients: a concurrency's figure is then the
+    # servers' steady state, not their first prefill of a shape (4 requests at 1).
+    runs = [("serving", {"concurrency": c}, serving.concurrency_args(scale, c, warmups=c))
             for c in scale.serve_concurrencies]
     rounds = {}
     for engine, name in ONLINE_ROUNDS:

@@ -51,11 +51,13 @@ def common_args(base_url: str, model_dir: Path, engine: str) -> list[str]:
     return args
 
 
-def concurrency_args(scale: Scale, concurrency: int) -> list[str]:
+def concurrency_args(scale: Scale, concurrency: int, warmups: int = 0) -> list[str]:
+    """``warmups``: requests sent first and not measured (each server's first-call costs)."""
     prompts = max(concurrency * scale.serve_prompts_per_client, 4)
     return ["--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
             "--random-input-len", str(scale.serve_prompt_len),
-            "--random-output-len", str(scale.serve_output_len)]
+            "--random-output-len", str(scale.serve_output_len),
+            *(["--num-warmups", str(warmups)] if warmups else [])]
 
 
 def prefix_args(scale: Scale, warmups: int) -> list[str]:
