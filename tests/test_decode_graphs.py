@@ -159,6 +159,10 @@ def test_step_addresses_derived_on_the_device_match_the_eager_plan(window):
     B, S = 3, int(positions.max()) + 1
     got_writes = np.array(plan.write_rows).reshape(2, 4, 2)[:, :B]  # keys/values, rows, heads
     assert np.array_equal(got_writes, np.array(eager.write_rows).reshape(2, B, 2))
+    # The pool's layout, written out: per block, 2 heads of keys then 2 of values, 16 rows each.
+    # Row 0 writes position 37: block tables[0][2] = 2, row 5 in it.
+    assert got_writes[:, 0].tolist() == [[(2 * 4 + 0) * 16 + 5, (2 * 4 + 1) * 16 + 5],
+                                         [(2 * 4 + 2) * 16 + 5, (2 * 4 + 3) * 16 + 5]]
     got_reads = np.array(plan.read_rows).reshape(2, 4, 2, -1)[:, :B, :, :S]
     want_reads = np.array(eager.read_rows).reshape(2, B, 2, S)
     for row, position in enumerate(positions):

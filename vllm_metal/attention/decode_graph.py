@@ -29,7 +29,8 @@ import mlx.core as mx
 import numpy as np
 
 from vllm_metal.attention import decode_kernel
-from vllm_metal.attention.paged import NULL_BLOCK, PagedKVCache, pool_rows, position_rows, window_of
+from vllm_metal.attention.paged import (NULL_BLOCK, PagedKVCache, allowed_keys, pool_rows,
+                                       position_rows, window_of)
 
 
 logger = logging.getLogger("vllm.metal")
@@ -155,18 +156,10 @@ class DecodeGraphs:
                         self.use_kernel, self.writes_in_place)
 
     def _masks(self, offsets: mx.array, num_keys: int) -> list[mx.array]:
-        """One per window: [Bp, 1, 1, num_keys] (one more axis: grouped), the keys
-        each row may see. Unused where a kernel attends: the trace then drops them."""
-        key_pos = mx.arange(num_keys, dtype=mx.int32)[None, :]
-        pos = offsets[:, None]
-        masks = []
-        for window in self.windows:
-            allowed = key_pos <= pos
-            if window is not None:
-                allowed = allowed & (key_pos > pos - window)
-            shape = (len(offsets), 1, 1, 1, -1) if self.grouped_mask else (len(offsets), 1, 1, -1)
-            masks.append(allowed.reshape(shape))
-        return masks
+        """One per window, the keys each row may see. Unused where a kernel attends:
+        the trace then drops them."""
+        return [allowed_keys(offsets[:, None], num_keys, window, self.grouped_mask)
+                for window in self.windows]
 
     def _forward(self, tokens, offsets, tables, pools):
         self.traces.append((tokens.shape[0], tables.shape[-1]))  # runs only when traced

@@ -91,6 +91,23 @@ def pool_rows(blocks: mx.array, num_kv_heads: int, block_size: int, entries: int
     return mx.concatenate([keys, keys + num_kv_heads * block_size])
 
 
+def allowed_keys(query_pos: mx.array, num_keys: int, window_size: int | None, grouped: bool,
+                 context_lens: mx.array | None = None) -> mx.array:
+    """Query positions ``[B, L]`` -> the mask ``[B, 1, L, num_keys]`` (grouped:
+    ``[B, 1, 1, L, num_keys]``) of the keys each query sees: up to its own
+    position, none from ``context_lens`` [B] on, the last ``window_size`` only
+    where given. Built on the device from positions: a prefill's mask is L x S
+    bytes a request, which the host would otherwise write."""
+    key_pos = mx.arange(num_keys, dtype=mx.int32)[None, None, :]
+    q = query_pos[:, :, None]
+    allowed = key_pos <= q
+    if context_lens is not None:
+        allowed = allowed & (key_pos < context_lens[:, None, None])
+    if window_size is not None:
+        allowed = allowed & (key_pos > q - window_size)
+    return allowed[:, None, None] if grouped else allowed[:, None]
+
+
 def _int32(values: np.ndarray) -> mx.array:
     return mx.array(values.astype(np.int32))
 
@@ -175,13 +192,8 @@ class BatchPlan:
         B, L = self.query_pos.shape
         if L == 1 and window_size is None and np.all(self.context_lens == self.context_lens[0]):
             return None  # one token per request, equal contexts: nothing to hide
-        # Built on the device from positions: a prefill's mask is L x S bytes a request.
-        key_pos = mx.arange(int(self.context_lens.max()), dtype=mx.int32)[None, None, :]
-        q = _int32(self.query_pos)[:, :, None]
-        allowed = (key_pos <= q) & (key_pos < _int32(self.context_lens)[:, None, None])
-        if window_size is not None:
-            allowed = allowed & (key_pos > q - window_size)
-        return allowed[:, None, None] if self.grouped_mask else allowed[:, None]
+        return allowed_keys(_int32(self.query_pos), int(self.context_lens.max()), window_size,
+                            self.grouped_mask, context_lens=_int32(self.context_lens))
 
 
 class LayerCache:
