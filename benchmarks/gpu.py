@@ -50,6 +50,8 @@ VARIANTS = {"default": {}, "sync": {"async_scheduling": False}, "eager": {"enfor
                                     "VLLM_METAL_PAGED_ATTENTION_KEY_PER_LANE": "1"},
             # The fused decode step, its keys and values written by a scatter.
             "fused-scatter": {"VLLM_METAL_KV_WRITE_IN_PLACE": "0"},
+            # Each prompt chunk in a forward of its own (not padded with like ones).
+            "prompts-alone": {"VLLM_METAL_BATCH_PROMPTS": "0"},
             # The runner's MLX work on the engine's thread (vLLM's Python and MLX's issue in turn).
             "inline": {"VLLM_METAL_RUNNER_THREAD": "0"},
             # MLX's CUDA graphs of up to 100 kernels (default 20) for the engine only.
@@ -168,7 +170,7 @@ def plugin_tokens_per_s(llm, batch_prompts: list[list[int]], log: Path) -> float
     return generated / seconds
 
 
-STEP_LINE = re.compile(r"step \((async|sync)\): (\d+) reqs, (\d+) tokens \| (.*)")
+STEP_LINE = re.compile(r"step \((async|sync)\): (\d+) reqs, (\d+) tokens(?:, \d+ forwards?)? \| (.*)")
 
 
 def step_timings(log: Path, batch: int) -> dict:
@@ -219,13 +221,14 @@ def read_rate_gb_s() -> float:
 
 
 def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float,
-            variants: list[str], variants_given: bool = False, rounds: int = 1) -> list[dict]:
+            variants: list[str], variants_given: bool = False, rounds: int = 1,
+            batches: list[int] | None = None) -> list[dict]:
     import mlx.core as mx
     from mlx_lm import load
 
     from vllm_metal.models.loader import weight_bytes
 
-    _, batches = SHAPES[shape]
+    batches = batches or SHAPES[shape][1]
     model, _ = load(str(model_dir))
     vocab = model.args.vocab_size
     weights = weight_bytes(model)
@@ -422,6 +425,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="offline: runs of each engine per batch, each round followed by "
                              "one of mlx-lm's; figures are medians")
+    parser.add_argument("--batches", nargs="+", type=int,
+                        help="offline: these batch sizes instead of each shape's own")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "vllm-metal-gpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -444,7 +449,7 @@ def main() -> None:
         if "offline" in args.parts:
             result["offline"] += offline(shape, model_dir, logs, result["rate_gb_s"],
                                          args.variants or ["sync", "eager"],
-                                         args.variants is not None, args.rounds)
+                                         args.variants is not None, args.rounds, args.batches)
             save(result, args.out, started)  # a run cut short keeps what it measured
         if "online" in args.parts:
             result["online"] += online(shape, model_dir, logs)

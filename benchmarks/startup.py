@@ -12,6 +12,7 @@ Writes ``startup.md`` and ``startup.json`` under ``--out``.
 import argparse
 import json
 import multiprocessing
+import os
 import re
 import tempfile
 import time
@@ -25,10 +26,22 @@ LOG_LINES = {"warm_up": r"Warm-up \(.*\) took ([\d.]+) s",
              "max_num_seqs": r"max_num_seqs=(\d+)"}
 
 
+STEP = re.compile(r"step \((?:async|sync)\): (\d+ reqs, \d+ tokens[^|]*)\| ([^\n]*)")
+
+
+def slowest_steps(log_text: str, count: int = 3) -> list[str]:
+    """The steps (VLLM_METAL_DEBUG's lines) whose parts took the most host time,
+    as "N reqs, T tokens, F forwards: X ms"."""
+    steps = [(sum(float(ms) for ms in re.findall(r"([\d.]+) ms", parts)), what.strip(" ,"))
+             for what, parts in STEP.findall(log_text)]
+    return [f"{what}: {ms:.0f} ms" for ms, what in sorted(steps, reverse=True)[:count]]
+
+
 def measure(shape: str, models: Path, out: Path, queue) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    os.environ["VLLM_METAL_DEBUG"] = "1"  # each step's line: where the first generate went
     model_dir = write_model(shape, models)
     log = out / f"startup-{shape}.log"
     log.unlink(missing_ok=True)
@@ -56,6 +69,7 @@ def measure(shape: str, models: Path, out: Path, queue) -> None:
         found = re.findall(pattern, text)
         row[key] = found[0] if found else None
     row["traces_after_startup"] = len(re.findall(r"Decode step traced for", text))
+    row["slowest_steps"] = slowest_steps(text)
     queue.put(row)
 
 
@@ -83,12 +97,12 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     (args.out / "startup.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| shape | status | startup s | of which warm-up s | decode steps | first generate s (batch) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| shape | status | startup s | of which warm-up s | decode steps | first generate s (batch) "
+             "| its slowest steps |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['status']} | {r.get('startup_s', '-')} | {r.get('warm_up', '-')} "
                      f"| {r.get('decode_steps', '-')} | {r.get('first_generate_s', '-')} "
-                     f"({r.get('first_generate_batch', '-')}) |")
+                     f"({r.get('first_generate_batch', '-')}) | {'; '.join(r.get('slowest_steps', []))} |")
     (args.out / "startup.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -34,7 +34,7 @@ def test_compiled_decode_equals_eager(arch, overrides, tiny_model):
 
 
 def step_issue_ms(log: str) -> float:
-    times = [float(m) for m in re.findall(r"step \(async\): 1 reqs, 1 tokens \|.*?forward issue "
+    times = [float(m) for m in re.findall(r"step \(async\): 1 reqs, 1 tokens, 1 forward \|.*?forward issue "
                                           r"([0-9.]+) ms", log)]
     assert len(times) >= 20, log[-2000:]
     times.sort()

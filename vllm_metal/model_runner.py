@@ -2,7 +2,8 @@
 
 One step: ``update_states`` folds the scheduler's decisions into vLLM's
 persistent ``InputBatch``; ``plan_groups`` splits the scheduled requests into
-forward groups (all single-token decodes together, each prompt chunk alone);
+forward groups (all single-token decodes together, prompt chunks of like length
+padded together: ``forward_groups``);
 each group runs one MLX forward on the paged cache; ``sample_tokens`` hands the
 logits to vLLM's own torch ``Sampler`` (every sampling option with vLLM's
 semantics) and books the results.
@@ -40,6 +41,7 @@ from vllm_metal.async_output import PLACEHOLDER, InFlightTokens, MetalAsyncOutpu
 from vllm_metal.attention.decode_graph import DecodeGraphs
 from vllm_metal.attention.dispatch import route_attention
 from vllm_metal.attention.paged import BatchPlan, PagedKVCache
+from vllm_metal.forward_groups import ForwardGroup, plan_groups
 from vllm_metal.models.adapter import CausalLM
 from vllm_metal.models.fusion import fuse_projections
 from vllm_metal.models import gemv
@@ -53,15 +55,6 @@ CPU = torch.device("cpu")
 
 
 @dataclass
-class ForwardGroup:
-    """Rows of the input batch that run as one padded [B, L] forward."""
-
-    rows: list[int]
-    query_lens: list[int]
-    starts: list[int]
-
-
-@dataclass
 class StepState:
     """What ``execute_model`` leaves for ``sample_tokens``."""
 
@@ -70,6 +63,7 @@ class StepState:
     prompt_logits: dict[str, mx.array] = field(default_factory=dict)  # [chunk, vocab]
     draft_checks: dict[int, mx.array] = field(default_factory=dict)  # row -> argmax per draft slot
     timings: dict[str, float] = field(default_factory=dict)
+    forwards: int = 0  # padded forwards the step ran (``forward_groups``)
 
 
 class MetalModelRunner:
@@ -113,6 +107,7 @@ class MetalModelRunner:
         # Set by the worker where all of this runner's MLX work runs on one thread.
         self.mlx_thread = None
         self.debug = envs.VLLM_METAL_DEBUG
+        self.batch_prompts = envs.VLLM_METAL_BATCH_PROMPTS
         self.adapters = None  # vllm_metal.lora.Adapters under --enable-lora
         self.drafter = None
         self.num_spec_tokens = 0
@@ -450,32 +445,28 @@ class MetalModelRunner:
         t_issued = time.perf_counter()
         self._settle(self.in_flight)  # the host learns the last step's tokens
         waited = (t_settled - t_built) + (time.perf_counter() - t_issued)
+        # Groups run their rows in their own order (a padded group: longest first).
         order = np.argsort(np.concatenate([rows for rows, _ in rows_logits]))
         logits = mx.concatenate([lg for _, lg in rows_logits], axis=0)
-        if len(groups) > 1:
+        if np.any(order != np.arange(len(order))):
             logits = logits[mx.array(order)]
         self.step_state = StepState(
             scheduler_output, logits, prompt_logits, draft_checks,
             {"prepare": t1 - t0, "build": t_built - t1, "wait_last": waited,
              "forward_issue": t_issued - t1 - (t_settled - t_built)},
+            forwards=len(groups),
         )
         return None
 
     def plan_groups(self, num_scheduled: dict[str, int]) -> list[ForwardGroup]:
         batch = self.input_batch
-        decode = ForwardGroup([], [], [])
-        groups = []
-        for row, req_id in enumerate(batch.req_ids):
-            n = num_scheduled[req_id]
-            start = int(batch.num_computed_tokens_cpu[row])
-            # A decode step: the last token plus any drafts to verify.
-            if n == 1 + len(batch.spec_token_ids[row]) and req_id not in self.num_prompt_logprobs:
-                decode.rows.append(row)
-                decode.query_lens.append(n)
-                decode.starts.append(start)
-            else:
-                groups.append(ForwardGroup([row], [n], [start]))
-        return ([decode] if decode.rows else []) + groups
+        return plan_groups([
+            # A decode: the last token plus any drafts to verify.
+            (row, num_scheduled[req_id], int(batch.num_computed_tokens_cpu[row]),
+             num_scheduled[req_id] == 1 + len(batch.spec_token_ids[row])
+             and req_id not in self.num_prompt_logprobs)
+            for row, req_id in enumerate(batch.req_ids)],
+            batch.block_table[0].get_numpy_array(), self.block_size, self.batch_prompts)
 
     def _run_group(self, group: ForwardGroup, prompt_logits: dict, draft_checks: dict) -> mx.array:
         """One padded forward. Returns logits at each request's sampling position:
@@ -620,9 +611,10 @@ class MetalModelRunner:
         ``forward wait``: waiting for it (synchronous steps only)."""
         timings = ", ".join(f"{name.replace('_', ' ')} {value * 1e3:.2f} ms"
                             for name, value in state.timings.items())
-        logger.info("step (%s): %d reqs, %d tokens | %s", "async" if async_step else "sync",
-                    self.input_batch.num_reqs,
-                    state.scheduler_output.total_num_scheduled_tokens, timings)
+        logger.info("step (%s): %d reqs, %d tokens, %d forward%s | %s",
+                    "async" if async_step else "sync", self.input_batch.num_reqs,
+                    state.scheduler_output.total_num_scheduled_tokens, state.forwards,
+                    "" if state.forwards == 1 else "s", timings)
 
     def _sample_in_flight(self, state: StepState, discard: list[int]) -> MetalAsyncOutput:
         """Greedy tokens left on the device: the next step reads them there, the

@@ -131,7 +131,7 @@ class BatchPlan:
     offsets: mx.array  # [B] position of each request's first new token
     write_rows: mx.array  # [2B, H, L] pool row of each (padded) new key, then value ([B, 1, L]: latent)
     read_rows: mx.array  # [2B, H, S] pool row of each key position, then value position
-    query_pos: np.ndarray  # [B, L] absolute position of each query
+    query_pos: np.ndarray  # [B, L] absolute position of each query (a padded one: its row's last)
     context_lens: np.ndarray  # [B] tokens of context after this step
     grouped_mask: bool  # mask shaped [B, 1, 1, L, S] for grouped-query scores
     _masks: dict
@@ -166,7 +166,11 @@ class BatchPlan:
             write_rows=pool_rows(_int32(write_block), num_kv_heads, block_size, entries,
                                  within=_int32(write_offset)),
             read_rows=position_rows(first_rows, block_size, S),
-            query_pos=query_pos,
+            # A padded query sees what its row's last query sees, never no key at all (a
+            # window ending past the context): where a backend masks with -inf, such a
+            # softmax writes NaN to the null block, which other rows read masked out
+            # (0 x NaN). MLX's CPU attention masks with a finite minimum.
+            query_pos=np.minimum(query_pos, ctx[:, None] - 1),
             context_lens=ctx,
             grouped_mask=grouped_mask,
             _masks={},
