@@ -18,6 +18,7 @@ requests as clients (mlx_lm.server, vllm serve, mlx_lm.server again). Writes ``b
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -244,21 +245,23 @@ def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float,
         engines[name] = (start_plugin(model_dir, max(batches), VARIANTS[name], log, kv_bytes), log)
         plugin_tokens_per_s(engines[name][0], prompts(2, vocab, seed=1), log)  # warm-up
     for batch in batches:
-        batch_prompts = prompts(batch, vocab)
+        # Fresh prompts for every run: a repeated prompt would hit the engine's prefix
+        # cache, which mlx-lm's loop has not.
+        fresh = (prompts(batch, vocab, seed=seed) for seed in itertools.count(100 * batch))
         row = {"shape": shape, "batch": batch, "weights_gb": round(weights / 1e9, 2),
                "limit_tok_s": round(batch * rate_gb_s * 1e9 / weights, 1)}
-        mlx_lm_tokens_per_s(model, batch_prompts)  # this batch's first-call costs
-        mlx_lm_runs = [mlx_lm_tokens_per_s(model, batch_prompts)]
+        mlx_lm_tokens_per_s(model, next(fresh))  # this batch's first-call costs
+        mlx_lm_runs = [mlx_lm_tokens_per_s(model, next(fresh))]
         runs = {name: [] for name in engines}
         for name, (llm, log) in engines.items():
             key = "plugin" if name == "default" else f"plugin_{name}"
             # The first run at a batch size traces its decode graphs (once per
             # shape bucket, kept for the engine's life): shown, not compared.
-            row[f"{key}_first"] = plugin_tokens_per_s(llm, batch_prompts, log)
+            row[f"{key}_first"] = plugin_tokens_per_s(llm, next(fresh), log)
         for _ in range(rounds):  # each round: every engine, then mlx-lm (A B A ...)
             for name, (llm, log) in engines.items():
-                runs[name].append(plugin_tokens_per_s(llm, batch_prompts, log))
-            mlx_lm_runs.append(mlx_lm_tokens_per_s(model, batch_prompts))
+                runs[name].append(plugin_tokens_per_s(llm, next(fresh), log))
+            mlx_lm_runs.append(mlx_lm_tokens_per_s(model, next(fresh)))
         for name, (llm, log) in engines.items():
             key = "plugin" if name == "default" else f"plugin_{name}"
             row[key] = statistics.median(runs[name])
