@@ -112,6 +112,23 @@ def step_lines():
         logger.removeHandler(handler)
 
 
+def generate_with_step_lines(model: str, prompts: list[list[int]], params):
+    """An engine started for the call: its outputs and its step lines."""
+    llm = start_llm(model)
+    try:
+        with step_lines() as lines:
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    finally:
+        stop_llm(llm)
+    return outputs, "\n".join(lines)
+
+
+def reference_tokens(model: str, prompts: list[list[int]]) -> list[list[int]]:
+    """transformers' float32 greedy tokens for each prompt (GREEDY's count)."""
+    hf = load_hf(model)
+    return [greedy_tokens(hf, p, GREEDY.max_tokens) for p in prompts]
+
+
 def busiest_step(log: str) -> tuple[int, int]:
     """(requests, forwards) of the step that ran the most tokens."""
     steps = re.findall(r"step \((?:async|sync)\): (\d+) reqs, (\d+) tokens, (\d+) forwards?", log)
@@ -131,17 +148,10 @@ def test_prompts_padded_together_give_the_reference_tokens(arch, overrides, tiny
     model = tiny_model(arch, **overrides)
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in LENGTHS]
-    llm = start_llm(model)
-    try:
-        with step_lines() as lines:
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], GREEDY)
-    finally:
-        stop_llm(llm)
-    reqs, forwards = busiest_step("\n".join(lines))
+    outputs, log = generate_with_step_lines(model, prompts, GREEDY)
+    reqs, forwards = busiest_step(log)
     assert reqs == len(LENGTHS) and forwards <= 5, forwards  # alone: a forward a prompt
-    hf = load_hf(model)
-    assert [list(o.outputs[0].token_ids) for o in outputs] == [
-        greedy_tokens(hf, p, GREEDY.max_tokens) for p in prompts]
+    assert [list(o.outputs[0].token_ids) for o in outputs] == reference_tokens(model, prompts)
 
 
 def test_one_padded_group_gives_each_prompt_its_own_tokens(tiny_model, in_process_engine):
@@ -149,16 +159,9 @@ def test_one_padded_group_gives_each_prompt_its_own_tokens(tiny_model, in_proces
     model = tiny_model("qwen3")
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (30, 32)]
-    llm = start_llm(model)
-    try:
-        with step_lines() as lines:
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], GREEDY)
-    finally:
-        stop_llm(llm)
-    assert busiest_step("\n".join(lines)) == (2, 1)
-    hf = load_hf(model)
-    assert [list(o.outputs[0].token_ids) for o in outputs] == [
-        greedy_tokens(hf, p, GREEDY.max_tokens) for p in prompts]
+    outputs, log = generate_with_step_lines(model, prompts, GREEDY)
+    assert busiest_step(log) == (2, 1)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == reference_tokens(model, prompts)
 
 
 def test_prompts_sharing_blocks_in_their_first_step_give_the_reference_tokens(
@@ -172,17 +175,11 @@ def test_prompts_sharing_blocks_in_their_first_step_give_the_reference_tokens(
     # The second's new tokens outnumber all of the first's, whose blocks it reads:
     # padded groups run the longest first.
     prompts = [prefix + [rng.randrange(3, 500) for _ in range(n)] for n in (3, 60, 12)]
-    params = SamplingParams(n=4, max_tokens=8, temperature=1.0, top_k=1, ignore_eos=True)
-    llm = start_llm(model)
-    try:
-        with step_lines() as lines:
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
-    finally:
-        stop_llm(llm)
+    params = SamplingParams(n=4, max_tokens=GREEDY.max_tokens, temperature=1.0, top_k=1,
+                            ignore_eos=True)
+    outputs, log = generate_with_step_lines(model, prompts, params)
     reqs, tokens = map(int, re.search(r"step \((?:async|sync)\): (\d+) reqs, (\d+) tokens",
-                                      "\n".join(lines)).groups())
+                                      log).groups())
     assert reqs == 12 and tokens <= 4 * sum(map(len, prompts)) - 11 * 32, (reqs, tokens)
-    hf = load_hf(model)
-    for prompt, output in zip(prompts, outputs):
-        expected = greedy_tokens(hf, prompt, params.max_tokens)
+    for expected, output in zip(reference_tokens(model, prompts), outputs):
         assert [list(c.token_ids) for c in output.outputs] == [expected] * 4
