@@ -21,12 +21,13 @@ import dataclasses
 import itertools
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.overhead import PART, STEP_LINE
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"qwen3-0.6b": ("qwen3", (1, 8, 32)), "llama-3-8b": ("llama", (1, 8, 12)),
@@ -171,19 +172,14 @@ def plugin_tokens_per_s(llm, batch_prompts: list[list[int]], log: Path) -> float
     return generated / seconds
 
 
-STEP_LINE = re.compile(r"step \((async|sync)\): (\d+) reqs, (\d+) tokens(?:, \d+ forwards?)? \| (.*)")
-
-
 def step_timings(log: Path, batch: int) -> dict:
     """Median ms of each part of the decode steps of ``batch`` requests in ``log``."""
     parts: dict[str, list[float]] = {}
-    for line in log.read_text(errors="replace").splitlines():
-        match = STEP_LINE.search(line)
-        if not match or int(match[2]) != batch or int(match[3]) != batch:
+    for match in STEP_LINE.finditer(log.read_text(errors="replace")):
+        if int(match["reqs"]) != batch or int(match["tokens"]) != batch:
             continue
-        for item in match[4].split(", "):
-            name, value, _ = item.rsplit(" ", 2)
-            parts.setdefault(name, []).append(float(value))
+        for part in PART.finditer(match["parts"]):
+            parts.setdefault(part["name"], []).append(float(part["ms"]))
     return {name: round(statistics.median(v), 2) for name, v in parts.items()}
 
 

@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 
 STEP_LINE = re.compile(
-    r"step(?: \((?:sync|async)\))?: (?P<reqs>\d+) reqs, (?P<tokens>\d+) tokens(?:, \d+ forwards?)? \| (?P<parts>[^\n]*)")
+    r"step(?: \((?:sync|async)\))?: (?P<reqs>\d+) reqs, (?P<tokens>\d+) tokens(?:, (?P<forwards>\d+) forwards?)? \| (?P<parts>[^\n]*)")
 PART = re.compile(r"(?P<name>[a-z][a-z ]*?) (?P<ms>[\d.]+) ms")
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.gpu import SHAPES, output_to, prompts, stop, write_model
+from benchmarks.overhead import PART, STEP_LINE
 
 LOG_LINES = {"warm_up": r"Warm-up \(.*\) took ([\d.]+) s",
              "decode_steps": r"Decode steps traced and run for (.*)",
@@ -26,14 +27,15 @@ LOG_LINES = {"warm_up": r"Warm-up \(.*\) took ([\d.]+) s",
              "max_num_seqs": r"max_num_seqs=(\d+)"}
 
 
-STEP = re.compile(r"step \((?:async|sync)\): (\d+ reqs, \d+ tokens[^|]*)\| ([^\n]*)")
-
-
 def slowest_steps(log_text: str, count: int = 3) -> list[str]:
     """The steps (VLLM_METAL_DEBUG's lines) whose parts took the most host time,
     as "N reqs, T tokens, F forwards: X ms"."""
-    steps = [(sum(float(ms) for ms in re.findall(r"([\d.]+) ms", parts)), what.strip(" ,"))
-             for what, parts in STEP.findall(log_text)]
+    steps = []
+    for match in STEP_LINE.finditer(log_text):
+        ms = sum(float(m["ms"]) for m in PART.finditer(match["parts"]))
+        forwards = int(match["forwards"] or 1)
+        steps.append((ms, f"{match['reqs']} reqs, {match['tokens']} tokens, {forwards} forward"
+                          + ("s" if forwards > 1 else "")))
     return [f"{what}: {ms:.0f} ms" for ms, what in sorted(steps, reverse=True)[:count]]
 
 
