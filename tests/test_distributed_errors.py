@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import free_port, requires_tool, start_llm
-from vllm_metal.distributed.bootstrap import _check_versions, software_versions
+from vllm_metal.distributed.bootstrap import _check_settings, _check_versions, software_versions
 from vllm_metal.distributed.hostfile import read_hostfile
 from vllm_metal.distributed.parallel import DistributedError
 from vllm_metal.distributed.preflight import host_report
@@ -131,6 +131,53 @@ def test_rank_that_cannot_reach_the_coordinator(tiny_model, tmp_path):
     assert done.returncode != 0
     assert "cannot reach the coordinator at 10.255.255.1" in output, output[-3000:]
     assert seconds < 60
+
+
+def test_ranks_compare_the_settings_they_must_share():
+    mine = {"rank": 0, "host": "10.0.0.1", "settings": {"VLLM_METAL_BATCH_PROMPTS": "1"}}
+    other = {"rank": 1, "host": "10.0.0.2", "settings": {"VLLM_METAL_BATCH_PROMPTS": "0"}}
+    _check_settings([mine, {**other, "settings": mine["settings"]}])
+    with pytest.raises(DistributedError, match="VLLM_METAL_BATCH_PROMPTS differs between ranks: "
+                                               r"1 on rank 0 \(10.0.0.1\) vs 0 on rank 1"):
+        _check_settings([mine, other])
+
+
+@requires_tool(can_simulate_hosts())
+def test_hosts_whose_settings_differ_stop_naming_the_setting(tiny_model, tmp_path):
+    """Two hosts started by hand, one with prompts batched and one without: each
+    rank would run a different number of forwards (and so of collectives)."""
+    model = tiny_model("llama")
+    master_port = free_port()
+    with SimulatedHosts(2) as hosts:
+        start = time.monotonic()
+        procs = []
+        for rank, batch_prompts in ((0, "1"), (1, "0")):
+            command = ["ip", "netns", "exec", hosts.names[rank], "env",
+                       f"VLLM_HOST_IP={hosts.addresses[rank]}",
+                       f"VLLM_METAL_BATCH_PROMPTS={batch_prompts}", sys.executable, "-m",
+                       "vllm.entrypoints.cli.main", "serve", model, "--tensor-parallel-size", "2",
+                       "--nnodes", "2", "--node-rank", str(rank), "--master-addr",
+                       hosts.addresses[0], "--master-port", str(master_port),
+                       "--kv-cache-memory-bytes", "64M", "--dtype", "float32"]
+            if rank == 0:
+                command += ["--port", str(free_port())]
+            else:
+                command.append("--headless")
+            procs.append(subprocess.Popen(command, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        outputs = []
+        try:
+            for proc in procs:
+                outputs.append(proc.communicate(timeout=150)[0])
+        finally:
+            for proc in procs:
+                proc.kill()
+        seconds = time.monotonic() - start
+    assert all(proc.returncode != 0 for proc in procs)
+    expected = ("VLLM_METAL_BATCH_PROMPTS differs between ranks: 1 on rank 0 "
+                f"({hosts.addresses[0]}) vs 0 on rank 1 ({hosts.addresses[1]})")
+    assert all(expected in output for output in outputs), [o[-3000:] for o in outputs]
+    assert seconds < 120
 
 
 def _write(tmp_path, hosts) -> str:

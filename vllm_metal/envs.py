@@ -25,7 +25,10 @@
 | VLLM_METAL_RUNNER_THREAD | 1 | 1 runs a one-process engine's MLX work (model load, each step's forward and sampling) on a thread of its own, so that vLLM's scheduling and output handling overlap MLX's launch of the forward; 0 runs it on the engine's thread |
 | VLLM_METAL_PEER_TIMEOUT | 3 | seconds a rank of a TP/PP engine waits for a silent peer's heartbeat (a stopped or hung process, a link down) before it stops the engine |
 
-A bad value stops startup with a message naming the variable and what it accepts.
+A bad value stops startup with a message naming the variable and what it accepts. Under tensor or
+pipeline parallelism, VLLM_METAL_BLOCK_SIZE, VLLM_METAL_DISTRIBUTED_BACKEND, VLLM_METAL_FUSE_PROJECTIONS
+and VLLM_METAL_BATCH_PROMPTS must be alike on every host: startup compares them and names the one
+that differs.
 """
 
 import os
@@ -43,6 +46,10 @@ class Setting:
     default: str
     parse: Callable[[str], object]
     help: str
+    # Shapes what every rank of a TP/PP engine runs (its forwards, its weights'
+    # layout): ranks that differ would run diverging collectives, so startup
+    # compares it across ranks.
+    ranks_agree: bool = False
 
 
 def _flag(name: str) -> Callable[[str], bool]:
@@ -162,7 +169,8 @@ _SETTINGS = [
         _fraction_or_auto("VLLM_METAL_MEMORY_FRACTION"),
         "memory share for weights + KV cache + activations (None: --gpu-memory-utilization)",
     ),
-    Setting("VLLM_METAL_BLOCK_SIZE", "16", _block_size("VLLM_METAL_BLOCK_SIZE"), "KV block size"),
+    Setting("VLLM_METAL_BLOCK_SIZE", "16", _block_size("VLLM_METAL_BLOCK_SIZE"), "KV block size",
+            ranks_agree=True),
     Setting("VLLM_METAL_DEBUG", "0", _flag("VLLM_METAL_DEBUG"), "debug logging"),
     Setting(
         "VLLM_METAL_DEQUANTIZE",
@@ -176,13 +184,14 @@ _SETTINGS = [
         "ring",
         _choice("VLLM_METAL_DISTRIBUTED_BACKEND", ("ring", "jaccl", "nccl")),
         "mx.distributed backend",
+        ranks_agree=True,
     ),
     Setting("VLLM_METAL_CONNECT_TIMEOUT", "30", _seconds("VLLM_METAL_CONNECT_TIMEOUT"),
             "coordinator connect timeout"),
     Setting("VLLM_METAL_MAX_WAITING_REQUESTS", "none",
             _count_or_none("VLLM_METAL_MAX_WAITING_REQUESTS"), "queue bound for vllm serve"),
     Setting("VLLM_METAL_FUSE_PROJECTIONS", "1", _flag("VLLM_METAL_FUSE_PROJECTIONS"),
-            "fuse q/k/v and gate/up projections at load"),
+            "fuse q/k/v and gate/up projections at load", ranks_agree=True),
     Setting("VLLM_METAL_PAGED_ATTENTION_KERNEL", "auto",
             _choice("VLLM_METAL_PAGED_ATTENTION_KERNEL", ("auto", "1", "0")),
             "custom paged decode attention kernel"),
@@ -207,7 +216,7 @@ _SETTINGS = [
             _split_unroll("VLLM_METAL_GEMV_SPLIT_UNROLL"),
             "matrix-vector kernel: warps splitting a row's width, loads in flight (CUDA)"),
     Setting("VLLM_METAL_BATCH_PROMPTS", "1", _flag("VLLM_METAL_BATCH_PROMPTS"),
-            "prompt chunks of like length in one padded forward"),
+            "prompt chunks of like length in one padded forward", ranks_agree=True),
     Setting("VLLM_METAL_RUNNER_THREAD", "1", _flag("VLLM_METAL_RUNNER_THREAD"),
             "MLX work on a thread of its own"),
     Setting("VLLM_METAL_PEER_TIMEOUT", "3", _seconds("VLLM_METAL_PEER_TIMEOUT"),
@@ -219,6 +228,13 @@ SETTINGS = {s.name: s for s in _SETTINGS}
 def get(name: str):
     setting = SETTINGS[name]
     return setting.parse(os.environ.get(name, setting.default))
+
+
+def rank_settings() -> dict[str, str]:
+    """This process's values of the settings every rank must share, as parsed (a flag
+    as 1 or 0), so that "true" and "1" agree."""
+    values = {name: get(name) for name, s in SETTINGS.items() if s.ranks_agree}
+    return {name: str(int(v)) if isinstance(v, bool) else str(v) for name, v in values.items()}
 
 
 def validate_all() -> None:

@@ -1,8 +1,8 @@
 """Start the MLX group from vLLM's control plane.
 
 vLLM's workers already share a gloo group. Over it every rank publishes its
-address, a free port for MLX's ring and a heartbeat port, and its software
-versions; then each rank writes the same ring hostfile and joins the MLX group.
+address, a free port for MLX's ring and a heartbeat port, its software
+versions and the settings every rank must share; then each rank writes the same ring hostfile and joins the MLX group.
 """
 
 import json
@@ -46,9 +46,11 @@ def start_model_parallel(topology: Topology, host_ip: str, all_gather_object,
         "pid": os.getpid(),
         "machine": _machine_id(),
         "versions": software_versions(),
+        "settings": envs.rank_settings(),
     }
     everyone = sorted(all_gather_object(mine), key=lambda info: info["rank"])
     _check_versions(everyone)
+    _check_settings(everyone)
 
     if backend == "ring":
         order = ring_order(topology.tp_size, topology.pp_size)
@@ -119,6 +121,19 @@ def _check_versions(everyone: list[dict]) -> None:
                 f"version mismatch between hosts: {diff}. Install the same versions on "
                 "every host (./install.sh pins them)."
             )
+
+
+def _check_settings(everyone: list[dict]) -> None:
+    reference = everyone[0]
+    for info in everyone[1:]:
+        for name, value in reference["settings"].items():
+            theirs = info["settings"].get(name)
+            if theirs != value:
+                raise DistributedError(
+                    f"{name} differs between ranks: {value} on rank 0 ({reference['host']}) "
+                    f"vs {theirs} on rank {info['rank']} ({info['host']}). It shapes what "
+                    "every rank runs: set it alike on every host, or unset it everywhere."
+                )
 
 
 def _free_port(host: str) -> int:
