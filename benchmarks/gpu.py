@@ -63,6 +63,9 @@ VARIANTS.update({f"attn-warps-{w}": {"VLLM_METAL_ATTENTION_WARPS": str(w)} for w
 # The matrix-vector kernel with this SPLIT-UNROLL for every weight (default: by shape).
 VARIANTS.update({f"gemv-{c}": {"VLLM_METAL_GEMV_SPLIT_UNROLL": c}
                  for c in ("1-2", "1-4", "2-2", "2-4", "4-2", "4-4")})
+# The vector kernel's split 4, unroll 4 (its choice at 1 and 2 rows) with this many weight rows
+# a group of warps, at every number of rows.
+VARIANTS.update({f"gemv-rows-{r}": {"VLLM_METAL_GEMV_SPLIT_UNROLL": f"4-4-{r}"} for r in (2, 4)})
 # Both kernels as they were before their choices by batch and rows (4 warps; 1-2).
 VARIANTS["previous-kernels"] = {"VLLM_METAL_ATTENTION_WARPS": "4",
                                 "VLLM_METAL_GEMV_SPLIT_UNROLL": "1-2"}

@@ -201,6 +201,27 @@ def test_vector_kernel_split_and_unrolled_matches_its_reference(dtype, rows, spl
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("per_warp", [1, 2, 8])
+@pytest.mark.parametrize("out_features, width", [(1030, 3072), (6, 256)])
+def test_vector_kernel_with_several_weight_rows_a_group_matches_its_reference(
+        rows, per_warp, out_features, width):
+    """A group of split warps reading several weight rows (the third field of
+    VLLM_METAL_GEMV_SPLIT_UNROLL), the last block's past the weight's rows."""
+    rng = np.random.default_rng(rows * 7 + per_warp)
+    x = mx.array(rng.standard_normal((rows, width)), dtype=mx.bfloat16)
+    weight = mx.array(rng.standard_normal((out_features, width)) / 32, dtype=mx.bfloat16)
+    residual = mx.array(rng.standard_normal((rows, out_features)), dtype=mx.bfloat16)
+    got = gemv.small_batch_linear(x, weight, residual=residual, kernel="vector",
+                                  per_warp=per_warp, split=4, unroll=4)
+    with mx.stream(mx.cpu):
+        want = gemv.reference_linear(x.astype(mx.float32), weight.astype(mx.float32),
+                                     residual=residual.astype(mx.float32))
+        mx.eval(want)
+    assert mx.allclose(got.astype(mx.float32), want, atol=3e-2, rtol=3e-2).item()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 8, 32])
 @pytest.mark.parametrize("with_norm, with_residual", [(True, False), (False, True), (True, True)])
@@ -249,9 +270,13 @@ def test_vector_choice_follows_the_rows_and_the_setting(monkeypatch):
     monkeypatch.delenv("VLLM_METAL_GEMV_SPLIT_UNROLL", raising=False)
     assert gemv.vector_choice(1) == gemv.vector_choice(2) == gemv.SPLIT_UNROLL == (4, 4)
     assert gemv.vector_choice(3) == gemv.vector_choice(8) == (1, 2)
+    assert [gemv.rows_per_warp(r) for r in (1, 2, 3, 8)] == [1, 2, 4, 4]
     monkeypatch.setenv("VLLM_METAL_GEMV_SPLIT_UNROLL", "2-8")
     assert gemv.vector_choice(1) == gemv.vector_choice(8) == (2, 8)
-    for bad in ("8-2", "3-1", "4-0", "4"):
+    assert [gemv.rows_per_warp(r) for r in (1, 2, 3, 8)] == [1, 2, 4, 4]
+    monkeypatch.setenv("VLLM_METAL_GEMV_SPLIT_UNROLL", "4-4-2")
+    assert gemv.vector_choice(1) == (4, 4) and gemv.rows_per_warp(1) == gemv.rows_per_warp(8) == 2
+    for bad in ("8-2", "3-1", "4-0", "4", "4-4-3", "4-4-2-1"):
         monkeypatch.setenv("VLLM_METAL_GEMV_SPLIT_UNROLL", bad)
         with pytest.raises(ValueError, match="SPLIT-UNROLL"):
             gemv.vector_choice(1)

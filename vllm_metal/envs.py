@@ -20,7 +20,7 @@
 | VLLM_METAL_GEMV_KERNEL | auto | auto, 1 or 0: linear layers called with at most 8 rows (decode steps) as one custom matrix-vector kernel, at most 2 rows for a weight of 16 MiB or more (MLX's matmul reads those faster at more rows); auto: on MLX's CUDA build, where a matmul costs the host four times a custom kernel to issue; 0 keeps MLX's matmul |
 | VLLM_METAL_GEMV_TENSOR_CORES | auto | auto, 1 or 0: linear layers called with 9 to 32 rows (bf16, fp16) of a weight under 16 MiB as one custom tensor-core kernel with the norm, bias and residual folded in, where MLX's norm, matmul and add would run: its device time is behind the matmul's (`benchmarks/linear_kernels.py`), but a small model's step is set by the host's issue, which it cuts (Qwen3-0.6B at batch 32 on an H200: 3.5 against 6.3 ms); auto: on MLX's CUDA build on a GPU of compute capability 8.0 or later (1 on an older one is refused), where `VLLM_METAL_GEMV_KERNEL` is on; 0 keeps MLX's norm, matmul and add |
 | VLLM_METAL_ATTENTION_WARPS | auto | auto or 1-32: warps a thread block of the fused decode step's attention kernel (`VLLM_METAL_FUSED_DECODE_BLOCK`) has, each taking 32 positions at a time; auto: 32 where a step has at most 64 blocks (batch x query heads), 16 above (`fused_decode.warps_for`) |
-| VLLM_METAL_GEMV_SPLIT_UNROLL | auto | auto or SPLIT-UNROLL (SPLIT 1, 2 or 4; UNROLL 1 to 8), e.g. 4-2: the matrix-vector kernel's warps sharing a group of weight rows (each reading a share of the width) and the loads of each row a lane keeps in flight; auto: 4-4 for calls of 1 or 2 rows, 1-2 above (`gemv.vector_choice`) |
+| VLLM_METAL_GEMV_SPLIT_UNROLL | auto | auto, SPLIT-UNROLL or SPLIT-UNROLL-ROWS (SPLIT 1, 2 or 4; UNROLL 1 to 8; ROWS 1, 2, 4 or 8), e.g. 4-2: the matrix-vector kernel's warps sharing a group of weight rows (each reading a share of the width), the loads of each row a lane keeps in flight and the weight rows in a group; auto: 4-4 for calls of 1 or 2 rows, 1-2 above, and as many weight rows as activation rows up to 4 (`gemv.vector_choice`, `gemv.rows_per_warp`) |
 | VLLM_METAL_BATCH_PROMPTS | 1 | 1 runs prompt chunks of like length scheduled in one step as one padded forward (padding at most a quarter of the group's tokens and attention scores; `forward_groups.py`): the host issues one forward's primitives for many prompts; 0 runs each chunk alone |
 | VLLM_METAL_RUNNER_THREAD | 1 | 1 runs a one-process engine's MLX work (model load, each step's forward and sampling) on a thread of its own, so that vLLM's scheduling and output handling overlap MLX's launch of the forward; 0 runs it on the engine's thread |
 | VLLM_METAL_PEER_TIMEOUT | 3 | seconds a rank of a TP/PP engine waits for a silent peer's heartbeat (a stopped or hung process, a link down) before it stops the engine |
@@ -141,17 +141,18 @@ def _warps(name: str) -> Callable[[str], int | None]:
     return parse
 
 
-def _split_unroll(name: str) -> Callable[[str], tuple[int, int] | None]:
-    def parse(raw: str) -> tuple[int, int] | None:
+def _split_unroll(name: str) -> Callable[[str], tuple[int, int, int | None] | None]:
+    def parse(raw: str) -> tuple[int, int, int | None] | None:
         value = raw.strip().lower()
         if value == "auto":
             return None
         parts = value.split("-")
-        if (len(parts) == 2 and all(p.isdigit() for p in parts)
-                and int(parts[0]) in (1, 2, 4) and 1 <= int(parts[1]) <= 8):
-            return int(parts[0]), int(parts[1])
-        raise SettingError(f"{name}={raw!r}: use auto or SPLIT-UNROLL, SPLIT 1, 2 or 4 and "
-                           "UNROLL 1 to 8, e.g. 4-2")
+        if (len(parts) in (2, 3) and all(p.isdigit() for p in parts)
+                and int(parts[0]) in (1, 2, 4) and 1 <= int(parts[1]) <= 8
+                and (len(parts) == 2 or int(parts[2]) in (1, 2, 4, 8))):
+            return int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else None
+        raise SettingError(f"{name}={raw!r}: use auto, SPLIT-UNROLL or SPLIT-UNROLL-ROWS: SPLIT 1, "
+                           "2 or 4, UNROLL 1 to 8, ROWS 1, 2, 4 or 8; e.g. 4-2 or 4-4-2")
 
     return parse
 

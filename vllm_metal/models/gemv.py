@@ -346,11 +346,15 @@ def _unused(dtype) -> mx.array:
 
 
 def rows_per_warp(rows: int) -> int:
-    """Weight rows each warp reads: each activation row loaded then serves that
-    many weight rows. With several activation rows, one weight row a warp would
-    load them from cache as often as the weights from memory, and the cache's
-    bandwidth, not the memory's, would bound the kernel (Llama-3-8B at 8 rows:
-    a third of the memory's)."""
+    """Weight rows each warp (each group of split warps) reads: the third field of
+    ``VLLM_METAL_GEMV_SPLIT_UNROLL`` where given. Else each activation row loaded
+    serves as many weight rows as there are activation rows, up to 4: with several
+    activation rows, one weight row a warp would load them from cache as often as
+    the weights from memory, and the cache's bandwidth, not the memory's, would
+    bound the kernel (Llama-3-8B at 8 rows: a third of the memory's)."""
+    chosen = envs.VLLM_METAL_GEMV_SPLIT_UNROLL
+    if chosen is not None and chosen[2] is not None:
+        return chosen[2]
     return 1 if rows == 1 else 2 if rows == 2 else 4
 
 
@@ -360,7 +364,7 @@ def vector_choice(rows: int) -> tuple[int, int]:
     ``SPLIT_UNROLL``, and ``VECTOR_SPLIT`` and ``VECTOR_UNROLL`` above."""
     chosen = envs.VLLM_METAL_GEMV_SPLIT_UNROLL
     if chosen is not None:
-        return chosen
+        return chosen[:2]
     return SPLIT_UNROLL if rows <= SPLIT_MAX_ROWS else (VECTOR_SPLIT, VECTOR_UNROLL)
 
 
