@@ -105,6 +105,21 @@ def test_device_profile_runs_both_steps_and_writes_its_table(tiny_model, tmp_pat
     assert [row.split("|")[2].strip() for row in rows] == ["mlx_lm", "plugin_compiled"]
 
 
+def test_step_loop_brackets_the_plugins_step_between_mlx_lms(tiny_model, tmp_path):
+    model = tiny_model("llama", num_hidden_layers=2)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.step_loop", model, "--batch", "1", "2",
+                           "--steps", "5", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "step_loop.json").read_text())
+    assert [r["batch"] for r in results] == [1, 2]
+    for r in results:
+        assert len(r["mlx_lm"]["runs_ms"]) == 3 and len(r["plugin_compiled"]["runs_ms"]) == 2
+        assert 0 < r["plugin_compiled"]["issue_ms"] and 0 < r["plugin_compiled"]["step_ms"]
+        assert r["ratio"] == round(r["mlx_lm"]["step_ms"] / r["plugin_compiled"]["step_ms"], 3)
+    assert (tmp_path / "step_loop.md").read_text().count("\n| ") == 3
+
+
 STEP_LOG_SCRIPT = """
 import sys
 from vllm import LLM, SamplingParams
