@@ -12,6 +12,7 @@ the engine runs by default.
 import argparse
 import collections
 import json
+import os
 import re
 import statistics
 import tempfile
@@ -53,14 +54,18 @@ def graph_ops(out) -> dict:
     return {"total": sum(counts.values()), **dict(counts.most_common())}
 
 
-def decode_steps(model_dir: str, batch: int, steps: int, context: int = 64) -> tuple[dict, dict]:
+def decode_steps(model_dir: str, batch: int, steps: int, context: int = 64,
+                 variants: dict[str, dict[str, str]] | None = None) -> tuple[dict, dict]:
     """One decode step of each kind, as functions returning the step's greedy
     tokens (unevaluated): ``mlx_lm`` (its dense cache), ``plugin`` (the eager
     paged graph), ``plugin_compiled`` (the engine's compiled decode step, writing
     in place where ``VLLM_METAL_KV_WRITE_IN_PLACE`` says so, its layers fused where
-    ``VLLM_METAL_FUSED_DECODE_BLOCK`` says so); each may run
-    ``steps`` times, twice. Also returns what the plugin's steps run: the paged
-    attention kernel (``paged_kernel``), how many fused layers, in-place writes."""
+    ``VLLM_METAL_FUSED_DECODE_BLOCK`` says so), and ``plugin_compiled:NAME`` for each
+    of ``variants`` (the compiled step traced with those settings in the
+    environment: settings read when a step is traced, such as the kernels'
+    choices); each may run ``steps`` times, twice. Also returns what the plugin's
+    steps run: the paged attention kernel (``paged_kernel``), how many fused
+    layers, in-place writes."""
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
@@ -95,7 +100,9 @@ def decode_steps(model_dir: str, batch: int, steps: int, context: int = 64) -> t
         return token
 
     block_size = 16
-    blocks_per_seq = -(-(context + 2 * steps + 16) // block_size)  # two plugin runs
+    variants = variants or {}
+    runs = 2 * (2 + len(variants))  # two runs of each of the plugin's steps
+    blocks_per_seq = -(-(context + runs * steps + 16) // block_size)
     pools = PagedKVCache(len(model.layers), 1 + batch * blocks_per_seq, block_size, kv_heads,
                          head_dim, dtype)
     tables = 1 + np.arange(batch * blocks_per_seq).reshape(batch, blocks_per_seq)
@@ -110,18 +117,33 @@ def decode_steps(model_dir: str, batch: int, steps: int, context: int = 64) -> t
         hidden = lm.hidden_states(mx.zeros((batch, 1), mx.int32), pools.layer_views(plan))
         return mx.argmax(lm.logits(hidden[:, -1]), axis=-1)
 
-    graphs = DecodeGraphs(lm, pools, [None] * len(model.layers), grouped_mask=False,
-                          use_kernel=use_kernel, fused_blocks=fused_blocks > 0)
+    def compiled_step_with(settings: dict[str, str]):
+        graphs = DecodeGraphs(lm, pools, [None] * len(model.layers), grouped_mask=False,
+                              use_kernel=use_kernel, fused_blocks=fused_blocks > 0)
 
-    def compiled_step():
-        nonlocal position
-        positions = np.full(batch, position)
-        position += 1
-        logits = graphs.logits(mx.zeros((batch, 1), mx.int32), tables, positions)
-        return mx.argmax(logits, axis=-1)
+        def compiled_step():
+            nonlocal position
+            positions = np.full(batch, position)
+            position += 1
+            saved = {name: os.environ.get(name) for name in settings}
+            os.environ.update(settings)  # read where the step is traced (its first call)
+            try:
+                logits = graphs.logits(mx.zeros((batch, 1), mx.int32), tables, positions)
+            finally:
+                for name, value in saved.items():
+                    if value is None:
+                        os.environ.pop(name)
+                    else:
+                        os.environ[name] = value
+            return mx.argmax(logits, axis=-1)
 
-    return {"mlx_lm": mlx_lm_step, "plugin": plugin_step,
-            "plugin_compiled": compiled_step}, {
+        return compiled_step, graphs
+
+    compiled_step, graphs = compiled_step_with({})
+    steps_of = {"mlx_lm": mlx_lm_step, "plugin": plugin_step, "plugin_compiled": compiled_step}
+    for name, settings in variants.items():
+        steps_of[f"plugin_compiled:{name}"] = compiled_step_with(settings)[0]
+    return steps_of, {
                 "paged_kernel": use_kernel, "fused_blocks": fused_blocks,
                 "writes_in_place": graphs.writes_in_place}
 

@@ -8,7 +8,13 @@ adds around them (scheduling, inputs, output handling). The host's share of
 each step is reported too: the time to build and issue it, which the device
 hides while the host stays ahead of it.
 
+``--variants NAME:SETTING=VALUE[,SETTING=VALUE]`` adds the compiled step traced
+with other settings (those read when a step is traced: the kernels' choices,
+``VLLM_METAL_GEMV_SPLIT_UNROLL``, ``VLLM_METAL_ATTENTION_WARPS``) to each round,
+timed by the wall clock, where a profiler's activity records distort short kernels.
+
     python -m benchmarks.step_loop MODEL_DIR [--batch 1 8] [--steps 100] [--out DIR]
+        [--variants rows-2:VLLM_METAL_GEMV_SPLIT_UNROLL=4-4-2]
 """
 
 import argparse
@@ -19,7 +25,15 @@ from pathlib import Path
 
 from benchmarks.host_cost import decode_steps
 
-ROUNDS = ("mlx_lm", "plugin_compiled", "mlx_lm", "plugin_compiled", "mlx_lm")
+PLUGIN = "plugin_compiled"
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, settings = text.partition(":")
+    pairs = [item.split("=", 1) for item in settings.split(",") if item]
+    if not name or not pairs or any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: use NAME:SETTING=VALUE[,SETTING=VALUE]")
+    return name, dict(pairs)
 
 
 def loop_ms(step, steps: int, pipelined: bool) -> dict:
@@ -45,34 +59,36 @@ def loop_ms(step, steps: int, pipelined: bool) -> dict:
             "issue_ms": round(1e3 * statistics.median(issue), 3)}
 
 
-def measure(model_dir: str, batch: int, steps: int) -> dict:
-    # Room in the pools for the warm-up and both of the plugin's rounds.
-    step_of, facts = decode_steps(model_dir, batch, steps + 8)
-    pipelined = {"mlx_lm": True, "plugin_compiled": facts["writes_in_place"]}
+def measure(model_dir: str, batch: int, steps: int,
+            variants: dict[str, dict[str, str]] | None = None) -> dict:
+    # Room in the pools for the warm-up and both of each plugin step's rounds.
+    step_of, facts = decode_steps(model_dir, batch, steps + 8, variants=variants)
+    plugins = [PLUGIN, *(f"{PLUGIN}:{name}" for name in variants or {})]
+    pipelined = {"mlx_lm": True, **{name: facts["writes_in_place"] for name in plugins}}
     for name in pipelined:
         for _ in range(3):
             step_of[name]().tolist()  # traced and warm
     runs = {name: [] for name in pipelined}
-    for name in ROUNDS:
+    for name in ["mlx_lm", *plugins, "mlx_lm", *plugins, "mlx_lm"]:
         runs[name].append(loop_ms(step_of[name], steps, pipelined[name]))
-    result = {"batch": batch, **facts, "steps": steps}
+    result = {"batch": batch, **facts, "steps": steps, "variants": variants or {}}
     for name, rows in runs.items():
         result[name] = {"step_ms": statistics.median(r["step_ms"] for r in rows),
                         "issue_ms": statistics.median(r["issue_ms"] for r in rows),
                         "runs_ms": [r["step_ms"] for r in rows]}
-    result["ratio"] = round(result["mlx_lm"]["step_ms"] / result["plugin_compiled"]["step_ms"], 3)
+    result["ratio"] = round(result["mlx_lm"]["step_ms"] / result[PLUGIN]["step_ms"], 3)
     return result
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| batch | mlx-lm step ms (runs) | its issue ms | plugin step ms (runs) | its issue ms "
-             "| plugin speed / mlx-lm |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| batch | step | step ms (runs) | host issue ms | mlx-lm step / this step |",
+             "| --- | --- | --- | --- | --- |"]
     for r in results:
-        m, p = r["mlx_lm"], r["plugin_compiled"]
-        lines.append(f"| {r['batch']} | {m['step_ms']} ({', '.join(map(str, m['runs_ms']))}) | "
-                     f"{m['issue_ms']} | {p['step_ms']} ({', '.join(map(str, p['runs_ms']))}) | "
-                     f"{p['issue_ms']} | {r['ratio']} |")
+        for name in [key for key in r if key == "mlx_lm" or key.startswith(PLUGIN)]:
+            runs = ", ".join(f"{ms:.3f}" for ms in r[name]["runs_ms"])
+            speed = round(r["mlx_lm"]["step_ms"] / r[name]["step_ms"], 3)
+            lines.append(f"| {r['batch']} | {name} | {r[name]['step_ms']:.3f} ({runs}) | "
+                         f"{r[name]['issue_ms']:.3f} | {speed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -81,6 +97,9 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--variants", nargs="*", type=parse_variant, default=[],
+                        help="NAME:SETTING=VALUE[,SETTING=VALUE]: the compiled step traced with "
+                             "these settings, beside the default")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from vllm_metal.device import select_device
@@ -88,7 +107,7 @@ def main() -> None:
     select_device()
     results = []
     for batch in args.batch:
-        results.append(measure(args.model, batch, args.steps))
+        results.append(measure(args.model, batch, args.steps, dict(args.variants)))
         print(json.dumps(results[-1]), flush=True)
     print(table(results))
     if args.out is not None:

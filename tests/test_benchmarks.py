@@ -105,19 +105,25 @@ def test_device_profile_runs_both_steps_and_writes_its_table(tiny_model, tmp_pat
     assert [row.split("|")[2].strip() for row in rows] == ["mlx_lm", "plugin_compiled"]
 
 
-def test_step_loop_brackets_the_plugins_step_between_mlx_lms(tiny_model, tmp_path):
+def test_step_loop_brackets_the_plugins_steps_between_mlx_lms(tiny_model, tmp_path):
     model = tiny_model("llama", num_hidden_layers=2)
     done = subprocess.run([sys.executable, "-m", "benchmarks.step_loop", model, "--batch", "1", "2",
-                           "--steps", "5", "--out", str(tmp_path)],
+                           "--steps", "5", "--variants", "warps-8:VLLM_METAL_ATTENTION_WARPS=8",
+                           "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "step_loop.json").read_text())
     assert [r["batch"] for r in results] == [1, 2]
     for r in results:
-        assert len(r["mlx_lm"]["runs_ms"]) == 3 and len(r["plugin_compiled"]["runs_ms"]) == 2
-        assert 0 < r["plugin_compiled"]["issue_ms"] and 0 < r["plugin_compiled"]["step_ms"]
+        assert r["variants"] == {"warps-8": {"VLLM_METAL_ATTENTION_WARPS": "8"}}
+        assert len(r["mlx_lm"]["runs_ms"]) == 3
+        for name in ("plugin_compiled", "plugin_compiled:warps-8"):
+            assert len(r[name]["runs_ms"]) == 2
+            assert 0 < r[name]["issue_ms"] and 0 < r[name]["step_ms"]
         assert r["ratio"] == round(r["mlx_lm"]["step_ms"] / r["plugin_compiled"]["step_ms"], 3)
-    assert (tmp_path / "step_loop.md").read_text().count("\n| ") == 3
+    rows = [line.split("|")[2].strip()
+            for line in (tmp_path / "step_loop.md").read_text().splitlines()[2:]]
+    assert rows == ["mlx_lm", "plugin_compiled", "plugin_compiled:warps-8"] * 2
 
 
 STEP_LOG_SCRIPT = """
