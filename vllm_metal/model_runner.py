@@ -1,46 +1,42 @@
-"""Scheduler output in, sampled tokens out.
+"""Scheduler output in, sampled tokens out: the step's orchestration.
 
-One step: ``update_states`` folds the scheduler's decisions into vLLM's
-persistent ``InputBatch``; ``plan_groups`` splits the scheduled requests into
-forward groups (all single-token decodes together, prompt chunks of like length
-padded together: ``forward_groups``);
-each group runs one MLX forward on the paged cache; ``sample_tokens`` hands the
-logits to vLLM's own torch ``Sampler`` (every sampling option with vLLM's
-semantics) and books the results.
+One step: the persistent batch (``persistent_batch``) folds in the scheduler's
+decisions; ``plan_groups`` splits the scheduled requests into forward groups
+(all single-token decodes together, prompt chunks of like length padded
+together: ``forward_groups``); each group runs one MLX forward on the paged
+cache (a compiled graph for decodes: ``attention/decode_graph``);
+``sample_tokens`` hands the logits to vLLM's own torch ``Sampler``
+(``sampling``), or leaves greedy tokens on the device for the next step
+(``async_output``), and books the results, prompt logprobs
+(``prompt_logprobs``) and n-gram drafts (``drafts``) included.
 
 Under tensor parallelism every rank runs the same groups on its shard of the
 model and rank 0 of the stage samples and broadcasts the tokens. Under pipeline
 parallelism a stage runs its layers and hands the hidden states on; earlier
 stages learn the sampled tokens from the scheduler's next output. Every rank
-checks that it runs the batch its stage's rank 0 runs (``batch_fingerprint``).
+checks that it runs the batch its stage's rank 0 runs (``PersistentBatch.fingerprint``).
 """
 
-import hashlib
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 import torch
-from vllm.sampling_params import SamplingType
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, MLAAttentionSpec
-from vllm.v1.outputs import (
-    EMPTY_MODEL_RUNNER_OUTPUT,
-    DraftTokenIds,
-    LogprobsTensors,
-    ModelRunnerOutput,
-)
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds, ModelRunnerOutput
 from vllm.v1.sample.logits_processor import build_logitsprocs
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.structured_output.utils import apply_grammar_bitmask
-from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+from vllm.v1.worker.gpu_input_batch import InputBatch
 
 from vllm_metal import envs
 from vllm_metal.async_output import PLACEHOLDER, InFlightTokens, MetalAsyncOutput
 from vllm_metal.attention.decode_graph import DecodeGraphs
 from vllm_metal.attention.dispatch import route_attention
 from vllm_metal.attention.paged import BatchPlan, PagedKVCache
+from vllm_metal.drafts import NgramDrafts
 from vllm_metal.forward_groups import ForwardGroup, plan_groups
 from vllm_metal.models.adapter import CausalLM
 from vllm_metal.models.fusion import fuse_projections
@@ -48,6 +44,10 @@ from vllm_metal.models import gemv
 from vllm_metal.models.loader import load_model, mx_dtype
 from vllm_metal.models.registry import GROUPED_SCORE_MASK
 from vllm_metal.models.windows import layer_windows, use_layer_windows
+from vllm_metal.persistent_batch import PersistentBatch
+from vllm_metal.prompt_logprobs import PromptLogprobs
+from vllm_metal.sampling import (decode_sampled, encode_sampled, first_position_masks,
+                                 sample_with_vllm)
 
 logger = logging.getLogger("vllm.metal")
 
@@ -89,8 +89,9 @@ class MetalModelRunner:
         self.block_size = self.cache_config.block_size
         self.dtype = self.model_config.dtype
 
-        self.requests: dict[str, CachedRequestState] = {}
-        self.num_prompt_logprobs: dict[str, int] = {}
+        self.prompt_logprobs = PromptLogprobs()
+        self.batch = PersistentBatch(self.prompt_logprobs, self.is_last_stage)
+        self.requests = self.batch.requests
         self.sampler = Sampler(logprobs_mode=self.model_config.logprobs_mode)
         self.model: CausalLM | None = None
         self.grouped_mask = False
@@ -109,16 +110,8 @@ class MetalModelRunner:
         self.debug = envs.VLLM_METAL_DEBUG
         self.batch_prompts = envs.VLLM_METAL_BATCH_PROMPTS
         self.adapters = None  # vllm_metal.lora.Adapters under --enable-lora
-        self.drafter = None
-        self.num_spec_tokens = 0
-        self.draft_token_ids: DraftTokenIds | None = None
-        spec = vllm_config.speculative_config
-        if spec is not None:
-            self.num_spec_tokens = spec.num_speculative_tokens
-            if self.samples:
-                from vllm.v1.spec_decode.ngram_proposer import NgramProposer
-
-                self.drafter = NgramProposer(vllm_config)
+        self.drafts = NgramDrafts(vllm_config, proposes=self.samples)
+        self.num_spec_tokens = self.drafts.num_spec_tokens
 
     # ---- setup -------------------------------------------------------------
     def load_model(self) -> None:
@@ -269,6 +262,7 @@ class MetalModelRunner:
             num_spec_tokens=self.num_spec_tokens,
             is_pooling_model=False,
         )
+        self.batch.input_batch = self.input_batch
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GB, %d values per token and "
             "layer%s), allocated in %.2f s",
@@ -299,120 +293,10 @@ class MetalModelRunner:
                             ", ".join(str(rows) for rows, _ in traced), traced[0][1],
                             time.perf_counter() - start)
 
-    # ---- step: states ------------------------------------------------------
-    def update_states(self, scheduler_output) -> None:
-        batch = self.input_batch
-        for req_id in scheduler_output.finished_req_ids:
-            self.requests.pop(req_id, None)
-            self.num_prompt_logprobs.pop(req_id, None)
-            batch.remove_request(req_id)
-
-        scheduled = scheduler_output.num_scheduled_tokens.keys()
-        cached = scheduler_output.scheduled_cached_reqs
-        for req_id in batch.req_id_to_index.keys() - (scheduled - cached.resumed_req_ids):
-            batch.remove_request(req_id)
-
-        to_add = [self._new_request(data) for data in scheduler_output.scheduled_new_reqs]
-
-        for i, req_id in enumerate(cached.req_ids):
-            state = self.requests[req_id]
-            state.num_computed_tokens = cached.num_computed_tokens[i]
-            new_blocks = cached.new_block_ids[i]
-            num_output = cached.num_output_tokens[i]
-            if num_output < len(state.output_token_ids):
-                del state.output_token_ids[num_output:]
-            if not self.is_last_stage and cached.new_token_ids:
-                self._learn_sampled_tokens(state, cached.new_token_ids[i],
-                                           cached.all_token_ids.get(req_id))
-            if req_id in cached.resumed_req_ids:
-                state.block_ids = new_blocks
-                to_add.append(state)
-                continue
-            if new_blocks is not None:
-                for ids, new_ids in zip(state.block_ids, new_blocks):
-                    ids.extend(new_ids)
-            index = batch.req_id_to_index.get(req_id)
-            if index is None:
-                to_add.append(state)
-                continue
-            batch.num_computed_tokens_cpu[index] = state.num_computed_tokens
-            if new_blocks is not None:
-                batch.block_table.append_row(new_blocks, index)
-            if not self.is_last_stage and cached.new_token_ids:
-                self._write_known_tokens(index, state)
-            batch.update_req_spec_token_ids(state, scheduler_output.scheduled_spec_decode_tokens)
-
-        for state in to_add:
-            batch.add_request(state)
-            batch.update_req_spec_token_ids(state, scheduler_output.scheduled_spec_decode_tokens)
-        batch.condense()
-        batch.refresh_metadata()
-
-    def _learn_sampled_tokens(self, state: CachedRequestState, token_ids: list[int],
-                              all_token_ids: list[int] | None) -> None:
-        """An earlier pipeline stage does not sample: the scheduler sends the tokens
-        it is about to compute, the last of which the last stage sampled (all of a
-        request's tokens when it was not scheduled just before). Drafts the last
-        stage accepted sit in the batch already, as last step's spec tokens."""
-        num_prompt = len(state.prompt_token_ids)
-        output = state.output_token_ids
-        if all_token_ids is not None:
-            output[:] = all_token_ids[num_prompt:]
-            return
-        first_output = state.num_computed_tokens - num_prompt
-        row = self.input_batch.req_id_to_index.get(state.req_id)
-        if row is not None and len(output) < first_output:
-            accepted = self.input_batch.token_ids_cpu[row, num_prompt + len(output):
-                                                      num_prompt + first_output]
-            output.extend(int(t) for t in accepted)
-        for i, token in enumerate(token_ids):
-            j = first_output + i
-            if j == len(output):
-                output.append(token)
-            elif 0 <= j < len(output):
-                output[j] = token
-
-    def _write_known_tokens(self, row: int, state: CachedRequestState) -> None:
-        batch = self.input_batch
-        num_prompt = len(state.prompt_token_ids)
-        end = num_prompt + len(state.output_token_ids)
-        start = min(int(batch.num_tokens_no_spec[row]), end)
-        if start < num_prompt:
-            start = num_prompt
-        batch.token_ids_cpu[row, start:end] = state.output_token_ids[start - num_prompt:]
-        batch.is_token_ids[row, start:end] = True
-        batch.num_tokens_no_spec[row] = max(int(batch.num_tokens_no_spec[row]), end)
-
-    def _new_request(self, data) -> CachedRequestState:
-        params = data.sampling_params
-        generator = None
-        if params is not None and params.sampling_type == SamplingType.RANDOM_SEED:
-            generator = torch.Generator(device=CPU)
-            generator.manual_seed(params.seed)
-        state = CachedRequestState(
-            req_id=data.req_id,
-            prompt_token_ids=data.prompt_token_ids,
-            mm_features=data.mm_features,
-            sampling_params=params,
-            generator=generator,
-            block_ids=tuple(list(ids) for ids in data.block_ids),
-            num_computed_tokens=data.num_computed_tokens,
-            output_token_ids=[],
-            lora_request=data.lora_request,
-        )
-        if data.prompt_token_ids is None:
-            raise ValueError("vllm-metal needs prompt token ids (prompt embeddings are not supported)")
-        self.requests[data.req_id] = state
-        if params is not None and params.prompt_logprobs is not None:
-            self.num_prompt_logprobs[data.req_id] = (
-                self.input_batch.vocab_size if params.prompt_logprobs == -1 else params.prompt_logprobs
-            )
-        return state
-
     # ---- step: forward -----------------------------------------------------
     def execute_model(self, scheduler_output):
         t0 = time.perf_counter()
-        self.update_states(scheduler_output)
+        self.batch.update(scheduler_output)
         if scheduler_output.total_num_scheduled_tokens == 0 or self.input_batch.num_reqs == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
         if self.parallel is not None:
@@ -464,7 +348,7 @@ class MetalModelRunner:
             # A decode: the last token plus any drafts to verify.
             (row, num_scheduled[req_id], int(batch.num_computed_tokens_cpu[row]),
              num_scheduled[req_id] == 1 + len(batch.spec_token_ids[row])
-             and req_id not in self.num_prompt_logprobs)
+             and not self.prompt_logprobs.wants(req_id))
             for row, req_id in enumerate(batch.req_ids)],
             batch.block_table[0].get_numpy_array(), self.block_size, self.batch_prompts)
 
@@ -504,7 +388,7 @@ class MetalModelRunner:
             req_id = batch.req_ids[row]
             if not self.samples:
                 break  # only the sampling rank uses prompt logits and draft checks
-            if req_id in self.num_prompt_logprobs:
+            if self.prompt_logprobs.wants(req_id):
                 prompt_logits[req_id] = self.model.logits(hidden[i, : qlens[i]])
             if num_drafts[i]:
                 verify = hidden[i, qlens[i] - 1 - num_drafts[i] : qlens[i]]
@@ -513,7 +397,7 @@ class MetalModelRunner:
 
     def _takes_decode_graph(self, group: ForwardGroup) -> bool:
         return (self.decode_graphs is not None and max(group.query_lens) == 1
-                and not any(self.input_batch.req_ids[row] in self.num_prompt_logprobs
+                and not any(self.prompt_logprobs.wants(self.input_batch.req_ids[row])
                             for row in group.rows))
 
     def _needs_last_step_first(self, groups: list[ForwardGroup]) -> bool:
@@ -541,7 +425,7 @@ class MetalModelRunner:
         the fingerprint the stage before it sends ahead of its activations."""
         from vllm_metal.distributed.parallel import BatchMismatchError, _split64
 
-        fingerprint = batch_fingerprint(self.input_batch, scheduler_output)
+        fingerprint = self.batch.fingerprint(scheduler_output)
         self.parallel.check_batch(fingerprint)
         mine = np.array(_split64(fingerprint), np.int32)
         if self.pp_rank > 0:
@@ -559,13 +443,13 @@ class MetalModelRunner:
             return EMPTY_MODEL_RUNNER_OUTPUT
         self.step_state = None
         if not self.is_last_stage:
-            self._finish_prompt_logprobs(state.scheduler_output)
+            self.prompt_logprobs.finish(state.scheduler_output, self.requests)
             return None
         if not self.samples:
             return self._receive_samples(state)
         t0 = time.perf_counter()
         batch = self.input_batch
-        discard = self._rows_still_in_prefill(state.scheduler_output)
+        discard = self.batch.rows_still_in_prefill(state.scheduler_output)
         plain_greedy = grammar_output is None and self._batch_is_plain_greedy()
         if plain_greedy and self.async_scheduling:
             return self._sample_in_flight(state, discard)
@@ -578,19 +462,20 @@ class MetalModelRunner:
             logits = torch.from_numpy(np.array(state.logits.astype(mx.float32)))
             t1 = time.perf_counter()
             if grammar_output is not None:
-                apply_grammar_bitmask(*_first_position_masks(state.scheduler_output,
-                                                             grammar_output), batch, logits)
-            output = self._sample_with_vllm(logits, discard)
+                apply_grammar_bitmask(*first_position_masks(state.scheduler_output,
+                                                            grammar_output), batch, logits)
+            output = sample_with_vllm(self.sampler, logits, batch, discard)
             sampled = output.sampled_token_ids.tolist()
         for row in discard:
             sampled[row] = []
-        self._accept_drafts(sampled, state.draft_checks)
+        self.drafts.accept(sampled, state.draft_checks, batch, self.requests)
         if self.tp_size > 1:
-            self.parallel.tp_broadcast_tokens(self._encode_sampled(sampled))
-        self._append_sampled(sampled)
-        self._propose_drafts(sampled, state.scheduler_output)
-        prompt_logprobs = self._prompt_logprobs(state)
-        self._finish_prompt_logprobs(state.scheduler_output)
+            self.parallel.tp_broadcast_tokens(encode_sampled(sampled, 1 + self.num_spec_tokens))
+        self.batch.append_sampled(sampled)
+        self.drafts.propose(sampled, state.scheduler_output, batch)
+        prompt_logprobs = self.prompt_logprobs.collect(state.prompt_logits, self.requests,
+                                                       self.sampler)
+        self.prompt_logprobs.finish(state.scheduler_output, self.requests)
         result = ModelRunnerOutput(
             req_ids=list(batch.req_ids),
             req_id_to_index=dict(batch.req_id_to_index),
@@ -628,11 +513,12 @@ class MetalModelRunner:
         for row in rows:
             request = self.requests[batch.req_ids[row]]
             slots[request.req_id] = (row, len(request.output_token_ids))
-        self._append_sampled([[] if row in skip else [PLACEHOLDER]
-                              for row in range(batch.num_reqs)])
+        self.batch.append_sampled([[] if row in skip else [PLACEHOLDER]
+                                   for row in range(batch.num_reqs)])
         self.in_flight = InFlightTokens(tokens, slots)
-        prompt_logprobs = self._prompt_logprobs(state)
-        self._finish_prompt_logprobs(state.scheduler_output)
+        prompt_logprobs = self.prompt_logprobs.collect(state.prompt_logits, self.requests,
+                                                       self.sampler)
+        self.prompt_logprobs.finish(state.scheduler_output, self.requests)
         if self.debug:
             self._log_step(state, async_step=True)
         return MetalAsyncOutput(
@@ -671,169 +557,18 @@ class MetalModelRunner:
         one on the runner's thread; where none comes first, a settle queued there."""
         self.mlx_thread.call_unless(flight.settled_event, self._settle, flight)
 
-    def _encode_sampled(self, sampled: list[list[int]]) -> np.ndarray:
-        """[num_reqs, 1 + drafts] of token + 1, 0 where none (the broadcast sums)."""
-        table = np.zeros((len(sampled), 1 + self.num_spec_tokens), np.int32)
-        for row, ids in enumerate(sampled):
-            table[row, : len(ids)] = np.asarray(ids, np.int32) + 1
-        return table
-
     def _receive_samples(self, state: StepState) -> None:
         """A TP rank other than the stage's first books the tokens rank 0 sampled."""
         table = self.parallel.tp_broadcast_tokens(
             np.zeros((self.input_batch.num_reqs, 1 + self.num_spec_tokens), np.int32))
-        sampled = [[int(t) - 1 for t in row if t] for row in table]
-        self._append_sampled(sampled)
-        self._finish_prompt_logprobs(state.scheduler_output)
+        self.batch.append_sampled(decode_sampled(table))
+        self.prompt_logprobs.finish(state.scheduler_output, self.requests)
         return None
 
-    def _sample_with_vllm(self, logits: torch.Tensor, discard: list[int]):
-        """vLLM's sampler; a seeded request whose token is discarded (still in
-        prefill) gets its generator state back, so chunking does not shift its samples."""
-        batch = self.input_batch
-        saved = {row: batch.generators[row].get_state() for row in discard if row in batch.generators}
-        output = self.sampler(logits=logits, sampling_metadata=batch.sampling_metadata)
-        for row, rng in saved.items():
-            batch.generators[row].set_state(rng)
-        return output
-
-    def _accept_drafts(self, sampled: list[list[int]], draft_checks: dict) -> None:
-        """Greedy verification: keep drafts while each equals the model's argmax,
-        then the argmax after the last kept one. Other requests keep the one token
-        sampled at the first position, which is exact sampling with every draft rejected."""
-        batch = self.input_batch
-        for row, check in draft_checks.items():
-            params = self.requests[batch.req_ids[row]].sampling_params
-            if not sampled[row] or not _plain_greedy(params):
-                continue
-            drafts, argmaxes = batch.spec_token_ids[row], check.tolist()
-            kept = 0
-            while kept < len(drafts) and drafts[kept] == argmaxes[kept]:
-                kept += 1
-            sampled[row] = argmaxes[: kept + 1]
-
-    def _propose_drafts(self, sampled: list[list[int]], scheduler_output) -> None:
-        if self.drafter is None:
-            return
-        batch = self.input_batch
-        drafts = self.drafter.propose(
-            scheduler_output.num_spec_tokens_to_schedule or self.num_spec_tokens,
-            sampled, batch.num_tokens_no_spec, batch.token_ids_cpu,
-        )
-        self.draft_token_ids = DraftTokenIds(list(batch.req_ids), drafts)
-
     def take_draft_token_ids(self) -> DraftTokenIds | None:
-        drafts, self.draft_token_ids = self.draft_token_ids, None
-        return drafts
+        return self.drafts.take()
 
     def _batch_is_plain_greedy(self) -> bool:
         if self.model_config.logits_processors:
             return False  # custom logits processors run in vLLM's sampler
-        return all(_plain_greedy(self.requests[req_id].sampling_params)
-                   for req_id in self.input_batch.req_ids)
-
-    def _rows_still_in_prefill(self, scheduler_output) -> list[int]:
-        """Rows whose scheduled tokens end before the prompt (and any recomputed
-        output) does: their sampled token is not a real next token."""
-        batch = self.input_batch
-        rows = []
-        for row, req_id in enumerate(batch.req_ids):
-            end = batch.num_computed_tokens_cpu[row] + scheduler_output.num_scheduled_tokens[req_id]
-            if end < batch.num_tokens_no_spec[row]:
-                rows.append(row)
-        return rows
-
-    def _append_sampled(self, sampled: list[list[int]]) -> None:
-        batch = self.input_batch
-        for row, ids in enumerate(sampled):
-            if not ids:
-                continue
-            start = int(batch.num_tokens_no_spec[row])
-            end = start + len(ids)
-            batch.token_ids_cpu[row, start:end] = ids
-            batch.is_token_ids[row, start:end] = True
-            batch.num_tokens_no_spec[row] = end
-            self.requests[batch.req_ids[row]].output_token_ids.extend(ids)
-
-    def _prompt_logprobs(self, state: StepState) -> dict:
-        result = {}
-        for req_id, chunk_logits in state.prompt_logits.items():
-            request = self.requests[req_id]
-            num_prompt = len(request.prompt_token_ids)
-            k = self.num_prompt_logprobs[req_id]
-            if request.in_progress_prompt_logprobs_cpu is None:
-                request.in_progress_prompt_logprobs_cpu = LogprobsTensors.empty_cpu(num_prompt - 1, k + 1)
-            tensors = request.in_progress_prompt_logprobs_cpu
-            start = request.num_computed_tokens
-            remaining = num_prompt - (start + 1)
-            count = min(chunk_logits.shape[0], remaining)
-            if chunk_logits.shape[0] > remaining:
-                result[req_id] = tensors
-            if count <= 0:
-                continue
-            logits = torch.from_numpy(np.array(chunk_logits[:count].astype(mx.float32)))
-            targets = torch.tensor(request.prompt_token_ids[start + 1 : start + 1 + count])
-            token_ids, logprobs, ranks, *_ = self.sampler.gather_logprobs(
-                self.sampler.compute_logprobs(logits), k, targets
-            )
-            tensors.logprob_token_ids[start : start + count].copy_(token_ids)
-            tensors.logprobs[start : start + count].copy_(logprobs)
-            tensors.selected_token_ranks[start : start + count].copy_(ranks)
-        return result
-
-    def _finish_prompt_logprobs(self, scheduler_output) -> None:
-        """Requests whose prompt is done leave the prompt-logprob path, on every
-        rank alike (it decides how requests are grouped into forwards)."""
-        for req_id in list(self.num_prompt_logprobs):
-            request = self.requests[req_id]
-            scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
-            if scheduled and request.num_computed_tokens + scheduled >= len(request.prompt_token_ids):
-                del self.num_prompt_logprobs[req_id]
-                request.in_progress_prompt_logprobs_cpu = None
-
-
-def _first_position_masks(scheduler_output, grammar_output):
-    """The logits hold one row per request (its first sampling position); vLLM's
-    bitmask has one per scheduled position, drafts included. A request under a
-    grammar is sampled, so it keeps only its first position's token and mask."""
-    spec = scheduler_output.scheduled_spec_decode_tokens
-    if not spec:
-        return scheduler_output, grammar_output
-    rows, row = [], 0
-    for req_id in grammar_output.structured_output_request_ids:
-        rows.append(row)
-        row += 1 + len(spec.get(req_id, ()))
-    return (replace(scheduler_output, scheduled_spec_decode_tokens={}),
-            replace(grammar_output, grammar_bitmask=grammar_output.grammar_bitmask[rows]))
-
-
-def batch_fingerprint(batch: InputBatch, scheduler_output) -> int:
-    """The batch composition every rank must agree on: requests in row order, and
-    for each its scheduled tokens, position, drafts and blocks."""
-    digest = hashlib.blake2b(digest_size=8)
-    for row, req_id in enumerate(batch.req_ids):
-        digest.update(req_id.encode())
-        digest.update(np.array([
-            scheduler_output.num_scheduled_tokens[req_id],
-            batch.num_computed_tokens_cpu[row],
-            batch.num_tokens_no_spec[row],
-            len(batch.spec_token_ids[row]),
-        ], np.int64).tobytes())
-        digest.update(batch.block_table[0].get_numpy_array()[row, :4].tobytes())
-    return int.from_bytes(digest.digest(), "little")
-
-
-def _plain_greedy(params) -> bool:
-    """Greedy with nothing that changes or reports the logits: argmax is the answer."""
-    return (
-        params.sampling_type == SamplingType.GREEDY
-        and params.logprobs is None
-        and params.presence_penalty == 0.0
-        and params.frequency_penalty == 0.0
-        and params.repetition_penalty == 1.0
-        and not params.logit_bias
-        and not params.allowed_token_ids
-        and not params.bad_words_token_ids
-        and params.min_tokens == 0
-        and params.structured_outputs is None
-    )
+        return self.batch.all_plain_greedy()
