@@ -138,23 +138,36 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def batch_parser(doc: str, steps: int) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that times decode steps of a model per batch size."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def run_batches(batches: list[int], measure_one, name: str, out: Path | None, to_table) -> None:
+    """``measure_one(batch)`` for each batch size on MLX's chosen device; each result
+    printed as JSON, then the table, written to ``out`` as NAME.json and NAME.md."""
     from vllm_metal.device import select_device
 
     select_device()
     results = []
-    for batch in args.batch:
-        results.append(measure(args.model, batch, args.steps, args.top))
+    for batch in batches:
+        results.append(measure_one(batch))
         print(json.dumps(results[-1]), flush=True)
-    print(table(results))
-    write_results(args.out, "device_profile", results, table(results))
+    print(to_table(results))
+    write_results(out, name, results, to_table(results))
+
+
+def main() -> None:
+    parser = batch_parser(__doc__, steps=20)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+    run_batches(args.batch, lambda batch: measure(args.model, batch, args.steps, args.top),
+                "device_profile", args.out, table)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ timed by the wall clock, where a profiler's activity records distort short kerne
 """
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
+from benchmarks.device_profile import batch_parser, run_batches
 from benchmarks.host_cost import decode_steps
 
 PLUGIN = "plugin_compiled"
@@ -93,27 +92,14 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--steps", type=int, default=100)
+    parser = batch_parser(__doc__, steps=100)
     parser.add_argument("--variants", nargs="*", type=parse_variant, default=[],
                         help="NAME:SETTING=VALUE[,SETTING=VALUE]: the compiled step traced with "
                              "these settings, beside the default")
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from vllm_metal.device import select_device
-
-    select_device()
-    results = []
-    for batch in args.batch:
-        results.append(measure(args.model, batch, args.steps, dict(args.variants)))
-        print(json.dumps(results[-1]), flush=True)
-    print(table(results))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "step_loop.json").write_text(json.dumps(results, indent=1))
-        (args.out / "step_loop.md").write_text(table(results))
+    variants = dict(args.variants)
+    run_batches(args.batch, lambda batch: measure(args.model, batch, args.steps, variants),
+                "step_loop", args.out, table)
 
 
 if __name__ == "__main__":
