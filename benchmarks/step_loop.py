@@ -18,6 +18,7 @@ timed by the wall clock, where a profiler's activity records distort short kerne
 """
 
 import argparse
+import re
 import statistics
 import time
 
@@ -29,7 +30,9 @@ PLUGIN = "plugin_compiled"
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, settings = text.partition(":")
-    pairs = [item.split("=", 1) for item in settings.split(",") if item]
+    # A comma starts a new pair only before a SETTING=: values may hold commas
+    # (VLLM_METAL_KERNEL_TRIALS=gemv-prefetch,gemv-stream).
+    pairs = [item.split("=", 1) for item in re.split(r",(?=[A-Z][A-Z0-9_]*=)", settings) if item]
     if not name or not pairs or any(len(p) != 2 for p in pairs):
         raise argparse.ArgumentTypeError(f"{text!r}: use NAME:SETTING=VALUE[,SETTING=VALUE]")
     return name, dict(pairs)

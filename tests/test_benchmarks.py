@@ -1,5 +1,6 @@
 """The benchmark suite end to end: ``python -m benchmarks.run`` in a subprocess."""
 
+import argparse
 import json
 import math
 import os
@@ -211,3 +212,14 @@ def test_gpu_benchmarks_online_part_brackets_the_plugin_between_mlx_lm_runs(tmp_
                                            rel=1e-2)
     table = table_rows((tmp_path / "gpu.md").read_text(), "Online")
     assert len(table) == 3 and all(is_number(row[4]) for row in table), table
+
+
+def test_step_loop_variants_take_values_with_commas():
+    from benchmarks.step_loop import parse_variant
+
+    assert parse_variant("both:VLLM_METAL_KERNEL_TRIALS=gemv-prefetch,gemv-stream,"
+                         "VLLM_METAL_ATTENTION_WARPS=8") == (
+        "both", {"VLLM_METAL_KERNEL_TRIALS": "gemv-prefetch,gemv-stream",
+                 "VLLM_METAL_ATTENTION_WARPS": "8"})
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_variant("no-settings")

@@ -10,20 +10,24 @@ the vector one with its width split and unrolled), and each recorded call is
 wrapped the way MLX wraps a custom kernel (its inputs' pointers, then shapes and
 strides where the source names them, its outputs, its template constants) with
 a small stand-in for MLX's device header. This catches what a GPU run would
-catch first, a source that does not compile, without the GPU; the kernels'
+catch first, a source that does not compile or a block whose threads need more
+registers than an SM has (it would not launch), without the GPU; the kernels'
 results are tested on MLX's CUDA build (``test_decode_kernel``, ``test_gemv``).
 """
 
 import ctypes
 import importlib.util
+import re
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
+from vllm_metal import envs
 from vllm_metal.attention import decode_kernel, fused_decode
 from vllm_metal.models import decode_block, gemv
 
+REGISTERS_A_BLOCK = 65536  # sm_80 and sm_90
 CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half",
               mx.int32: "int32_t"}
 DEVICE_HEADER = """
@@ -66,6 +70,7 @@ class Recorder:
                  **_):
         def kernel(inputs, template, grid, threadgroup, output_shapes, output_dtypes, **__):
             self.calls.append({"name": name, "source": source, "template": template,
+                               "threads": threadgroup[0] * threadgroup[1] * threadgroup[2],
                                "inputs": list(zip(input_names, inputs)),
                                "outputs": list(zip(output_names, output_dtypes))})
             return [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
@@ -104,7 +109,7 @@ def compile_log(source: str, arch: str) -> tuple[int, str]:
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernel.cu", 0,
                                     None, None) == 0
     options = [f"--gpu-architecture={arch}", "-std=c++17", "-default-device",
-               f"-I{TOOLKIT / 'include'}"]
+               f"-I{TOOLKIT / 'include'}", "--ptxas-options=-v"]
     argv = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
     status = nvrtc.nvrtcCompileProgram(program, len(options), argv)
     size = ctypes.c_size_t()
@@ -115,9 +120,12 @@ def compile_log(source: str, arch: str) -> tuple[int, str]:
     return status, log.value.decode(errors="replace")
 
 
-def recorded_calls(monkeypatch) -> list[dict]:
+def recorded_calls(monkeypatch, trials: str = "none") -> list[dict]:
+    """``trials``: VLLM_METAL_KERNEL_TRIALS while the entry points run."""
     recorder = Recorder()
     monkeypatch.setattr(mx.fast, "cuda_kernel", recorder, raising=False)
+    monkeypatch.setenv("VLLM_METAL_KERNEL_TRIALS", trials)
+    most_warps = 32 if trials == "none" else fused_decode.WARP_KEYS_MAX_WARPS
     kernels = (decode_kernel._kernel, decode_kernel._write_kernel, gemv._kernel,
                fused_decode._kernel, decode_block._swiglu_kernel)
     for cached in kernels:
@@ -142,6 +150,9 @@ def recorded_calls(monkeypatch) -> list[dict]:
                 gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, bias)
             gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, None,
                                     (mx.zeros((256,), dtype), 1e-6), mx.zeros((rows, 1, 24), dtype))
+            gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight,
+                                    mx.zeros((24,), dtype), (mx.zeros((256,), dtype), 1e-6),
+                                    swiglu=True)
         for rows, split, unroll in ((1, 4, 4), (2, 2, 8), (5, 4, 1)):
             gemv.small_batch_linear(mx.zeros((rows, 1, 256), dtype), weight, mx.zeros((24,), dtype),
                                     (mx.zeros((256,), dtype), 1e-6), mx.zeros((rows, 1, 24), dtype),
@@ -159,7 +170,7 @@ def recorded_calls(monkeypatch) -> list[dict]:
             norm = mx.zeros((head_dim,), dtype)
             for q_norm, traditional, write, warps in ((norm, False, True, 4), (None, True, False, 4),
                                                       (norm, False, True, 8),
-                                                      (None, False, True, 32)):
+                                                      (None, False, True, most_warps)):
                 fused_decode.fused_decode_attention(
                     qkv, mx.zeros((64, head_dim), dtype), mx.zeros((2,), mx.int32),
                     mx.zeros((4, kv_heads, 1), mx.int32), mx.zeros((4, kv_heads, 32), mx.int32),
@@ -175,16 +186,19 @@ def distinct(calls: list[dict]) -> list[dict]:
     seen, unique = set(), []
     for call in calls:
         key = (call["name"], tuple((n, a.dtype, a.ndim) for n, a in call["inputs"]),
-               tuple(call["template"]))
+               tuple(call["template"]), call["threads"])
         if key not in seen:
             seen.add(key)
             unique.append(call)
     return unique
 
 
+@pytest.mark.parametrize("trials", ["none", ",".join(envs.KERNEL_TRIALS)],
+                         ids=["default", "kernel-trials"])
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
-def test_every_kernel_source_compiles(monkeypatch, arch):
-    calls = distinct(recorded_calls(monkeypatch))
+def test_every_kernel_source_compiles(monkeypatch, arch, trials):
+    """By default, and with every kernel trial of VLLM_METAL_KERNEL_TRIALS on."""
+    calls = distinct(recorded_calls(monkeypatch, trials))
     names = {call["name"] for call in calls}
     assert names == {"vllm_metal_paged_decode_attention", "vllm_metal_paged_kv_write",
                      "vllm_metal_small_batch_linear", "vllm_metal_small_batch_linear_mma",
@@ -195,6 +209,12 @@ def test_every_kernel_source_compiles(monkeypatch, arch):
         status, log = compile_log(wrapped(call), arch)
         if status != 0 or "warning" in log:
             failures.append(f"{call['name']} {call['template']}:\n{log[:2000]}")
+            continue
+        # A block whose threads need more than the SM's 64K registers does not launch.
+        registers = int(re.search(r"Used (\d+) registers", log).group(1))
+        if registers * call["threads"] > REGISTERS_A_BLOCK:
+            failures.append(f"{call['name']} {call['template']}: {registers} registers a thread "
+                            f"x {call['threads']} threads is past {REGISTERS_A_BLOCK}")
     assert not failures, "\n\n".join(failures[:3])
 
 

@@ -137,3 +137,47 @@ def test_warps_follow_the_blocks_and_the_setting(monkeypatch):
     monkeypatch.setenv("VLLM_METAL_ATTENTION_WARPS", "64")
     with pytest.raises(ValueError, match="VLLM_METAL_ATTENTION_WARPS='64'"):
         fused_decode.warps_for(1, 32)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(16, 8, 128), (8, 8, 64), (8, 2, 256)])
+@pytest.mark.parametrize("warps", [1, 4, 16])
+@pytest.mark.parametrize("longest", [40, 600])
+def test_warp_keys_trial_gives_the_reference(dtype, heads, kv_heads, head_dim, warps, longest,
+                                             monkeypatch):
+    """A key per warp (the attention-warp-keys trial): contexts of one pass and of
+    several (600 positions over 16 warps: two), warps with no position, a Qwen3
+    head (q/k norms), the KV write in place."""
+    monkeypatch.setenv("VLLM_METAL_KERNEL_TRIALS", "attention-warp-keys")
+    qkv, pool, positions, write_rows, read_rows = case(3, heads, kv_heads, head_dim, dtype,
+                                                       longest=longest)
+    rng = np.random.default_rng(9)
+    q_norm, k_norm = [mx.array(1 + rng.standard_normal(head_dim) / 4, dtype=dtype)
+                      for _ in range(2)]
+    inv_freq = inverse_frequencies(head_dim)
+    scale = head_dim ** -0.5
+    want, want_keys, _ = fused_decode.reference(qkv, pool, positions, read_rows, heads, kv_heads,
+                                                scale, inv_freq, False, q_norm, k_norm, 1e-6)
+    mx.eval(want, want_keys)
+    got = fused_decode.fused_decode_attention(qkv, pool, positions, write_rows, read_rows, heads,
+                                              kv_heads, scale, inv_freq, False, q_norm, k_norm,
+                                              1e-6, warps=warps)
+    mx.eval(got)
+    tolerance = 1e-4 if dtype == mx.float32 else 3e-2
+    close = lambda a, b: mx.allclose(a.astype(mx.float32), b.astype(mx.float32),  # noqa: E731
+                                     atol=tolerance, rtol=tolerance).item()
+    assert close(got, want)
+    assert close(mx.split(pool[write_rows], 2)[0], want_keys)
+
+
+def test_warp_keys_trial_takes_at_most_16_warps(monkeypatch):
+    """Its threads hold more registers than a block of 32 warps allows: the automatic
+    choice stops at 16, and 32 asked for is refused."""
+    monkeypatch.delenv("VLLM_METAL_ATTENTION_WARPS", raising=False)
+    monkeypatch.setenv("VLLM_METAL_KERNEL_TRIALS", "attention-warp-keys")
+    assert fused_decode.warps_for(1, 32) == fused_decode.WARP_KEYS_MAX_WARPS == 16
+    qkv, pool, positions, write_rows, read_rows = case(1, 4, 2, 64, mx.float32)
+    with pytest.raises(ValueError, match="attention-warp-keys trial takes at most 16"):
+        fused_decode.fused_decode_attention(qkv, pool, positions, write_rows, read_rows, 4, 2,
+                                            0.125, inverse_frequencies(64), False, warps=32)

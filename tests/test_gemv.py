@@ -280,3 +280,75 @@ def test_vector_choice_follows_the_rows_and_the_setting(monkeypatch):
         monkeypatch.setenv("VLLM_METAL_GEMV_SPLIT_UNROLL", bad)
         with pytest.raises(ValueError, match="SPLIT-UNROLL"):
             gemv.vector_choice(1)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("per_warp", [None, 1, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_swiglu_epilogue_matches_its_reference(dtype, rows, per_warp, with_bias):
+    """The gate/up product writing silu(gate) * up (the swiglu-epilogue trial): pairs
+    of a gate row and its up row in each group, an odd count of outputs (the last
+    block's past them), with the norm folded in."""
+    rng = np.random.default_rng(rows + 3 * (per_warp or 0))
+    width, outputs = 1024, 515
+    x = mx.array(rng.standard_normal((rows, 1, width)), dtype=dtype)
+    weight = mx.array(rng.standard_normal((2 * outputs, width)) / 32, dtype=dtype)
+    bias = mx.array(rng.standard_normal(2 * outputs), dtype=dtype) if with_bias else None
+    norm = (mx.array(1 + rng.standard_normal(width) / 4, dtype=dtype), 1e-5)
+    got = gemv.small_batch_linear(x, weight, bias, norm, per_warp=per_warp, swiglu=True)
+    assert got.shape == (rows, 1, outputs)
+    with mx.stream(mx.cpu):
+        as32 = (lambda a: None if a is None else a.astype(mx.float32))  # noqa: E731
+        want = gemv.reference_linear(as32(x), as32(weight), as32(bias),
+                                     (as32(norm[0]), norm[1]), swiglu=True)
+        mx.eval(want)
+    tolerance = 1e-4 if dtype == mx.float32 else 3e-2
+    assert mx.allclose(got.astype(mx.float32), want, atol=tolerance, rtol=tolerance).item()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
+@pytest.mark.parametrize("trial", ["gemv-prefetch", "gemv-stream"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("split, unroll", [(4, 4), (1, 2), (2, 8)])
+def test_vector_kernel_trials_match_its_reference(trial, rows, split, unroll, monkeypatch):
+    """The activations loaded with the weights, or weights read with a streaming hint
+    (VLLM_METAL_KERNEL_TRIALS), with the norm and residual folded in."""
+    monkeypatch.setenv("VLLM_METAL_KERNEL_TRIALS", trial)
+    rng = np.random.default_rng(rows * 11 + unroll)
+    width, out_features = 3072, 1030
+    x = mx.array(rng.standard_normal((rows, 1, width)), dtype=mx.bfloat16)
+    weight = mx.array(rng.standard_normal((out_features, width)) / 32, dtype=mx.bfloat16)
+    norm = (mx.array(1 + rng.standard_normal(width) / 4, dtype=mx.bfloat16), 1e-5)
+    residual = mx.array(rng.standard_normal((rows, 1, out_features)), dtype=mx.bfloat16)
+    got = gemv.small_batch_linear(x, weight, None, norm, residual, kernel="vector", split=split,
+                                  unroll=unroll)
+    with mx.stream(mx.cpu):
+        f32 = (lambda a: a.astype(mx.float32))  # noqa: E731
+        want = gemv.reference_linear(f32(x), f32(weight), None, (f32(norm[0]), norm[1]),
+                                     f32(residual))
+        mx.eval(want)
+    assert mx.allclose(got.astype(mx.float32), want, atol=3e-2, rtol=3e-2).item()
+
+
+def test_reference_swiglu_is_the_plain_mlp():
+    """The swiglu reference: silu of the gate rows' product times the up rows'."""
+    rng = np.random.default_rng(1)
+    x = mx.array(rng.standard_normal((2, 1, 64)), dtype=mx.float32)
+    gate, up = nn.Linear(64, 24, bias=True), nn.Linear(64, 24, bias=True)
+    weight = mx.concatenate([gate.weight, up.weight])
+    bias = mx.concatenate([gate.bias, up.bias])
+    got = gemv.reference_linear(x, weight, bias, swiglu=True)
+    assert got.shape == (2, 1, 24)
+    assert mx.allclose(got, nn.silu(gate(x)) * up(x), atol=1e-5).item()
+
+
+def test_swiglu_takes_the_vector_kernel_and_pairs_of_rows():
+    x = mx.zeros((1, 64), mx.bfloat16)
+    assert gemv.covers_swiglu(x, mx.zeros((48, 64), mx.bfloat16))
+    assert not gemv.covers_swiglu(x, mx.zeros((47, 64), mx.bfloat16))
+    assert not gemv.covers_swiglu(mx.zeros((9, 64), mx.bfloat16), mx.zeros((48, 64), mx.bfloat16))
+    with pytest.raises(ValueError, match="swiglu takes the vector kernel"):
+        gemv.small_batch_linear(mx.zeros((9, 64), mx.bfloat16), mx.zeros((48, 64), mx.bfloat16),
+                                kernel="tensor", swiglu=True)

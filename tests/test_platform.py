@@ -37,6 +37,7 @@ def test_use_mlx_0_hands_back_to_vllm():
     ("VLLM_MLX_DEVICE", "tpu"),
     ("VLLM_METAL_USE_MLX", "maybe"),
     ("VLLM_METAL_DEBUG", "2"),
+    ("VLLM_METAL_KERNEL_TRIALS", "gemv-prefetch,faster"),
 ])
 def test_bad_setting_names_the_variable(monkeypatch, name, bad):
     monkeypatch.setenv(name, bad)
@@ -52,6 +53,14 @@ def test_settings_defaults(monkeypatch):
     assert envs.VLLM_METAL_USE_MLX is True
     assert envs.VLLM_MLX_DEVICE == "gpu"
     assert envs.VLLM_METAL_DEBUG is False
+
+
+def test_kernel_trials_are_off_unless_named(monkeypatch):
+    monkeypatch.delenv("VLLM_METAL_KERNEL_TRIALS", raising=False)
+    assert not any(envs.trial(name) for name in envs.KERNEL_TRIALS)
+    monkeypatch.setenv("VLLM_METAL_KERNEL_TRIALS", " gemv-prefetch, swiglu-epilogue ")
+    assert [name for name in envs.KERNEL_TRIALS if envs.trial(name)] == ["gemv-prefetch",
+                                                                       "swiglu-epilogue"]
 
 
 def test_every_setting_is_in_the_documented_table():

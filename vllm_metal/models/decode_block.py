@@ -12,7 +12,8 @@ compiled decode step runs:
    embedding, the KV write, attention over the paged context);
 3. the output projection plus the residual (``gemv``, with its residual);
 4. the post-attention norm and the fused gate/up projection;
-5. the SwiGLU activation (``swiglu``);
+5. the SwiGLU activation (``swiglu``; folded into 4 under the ``swiglu-epilogue``
+   trial of ``VLLM_METAL_KERNEL_TRIALS``);
 6. the down projection plus the residual.
 
 Rows ``gemv.covers`` leaves out (above ``gemv.MAX_ROWS``, or above
@@ -161,8 +162,8 @@ class FusedDecodeStep:
             cache._write(keys, values)
         h = _linear(result, attention.o_proj, residual=x)
         norm = self.post_attention_layernorm
-        gu = _linear(h, mlp.gate_up_fused.layer, (norm.weight, norm.eps))
-        return _linear(swiglu(gu), mlp.down_proj, residual=h)
+        activated = _gate_up(h, mlp.gate_up_fused.layer, (norm.weight, norm.eps))
+        return _linear(activated, mlp.down_proj, residual=h)
 
     def _fused_step_covers(self, x, mask, cache) -> bool:
         from vllm_metal.attention.decode_graph import StepPlan
@@ -181,6 +182,14 @@ def _linear(x, layer, norm=None, residual=None):
     if gemv.available() and gemv.covers(x, layer.weight):
         return gemv.small_batch_linear(x, layer.weight, bias, norm, residual)
     return gemv.reference_linear(x, layer.weight, bias, norm, residual)
+
+
+def _gate_up(x, layer, norm):
+    """silu(gate) * up of the fused gate/up projection: in the product's own kernel
+    under the swiglu-epilogue trial, else the product then the SwiGLU kernel."""
+    if envs.trial("swiglu-epilogue") and gemv.available() and gemv.covers_swiglu(x, layer.weight):
+        return gemv.small_batch_linear(x, layer.weight, layer.get("bias"), norm, swiglu=True)
+    return swiglu(_linear(x, layer, norm))
 
 
 @functools.cache
