@@ -31,7 +31,7 @@ PLUGIN = "plugin_compiled"
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, settings = text.partition(":")
     # A comma starts a new pair only before a SETTING=: values may hold commas
-    # (VLLM_METAL_KERNEL_TRIALS=gemv-prefetch,gemv-stream).
+    # (VLLM_METAL_TRIALS=gemv-prefetch,gemv-stream).
     pairs = [item.split("=", 1) for item in re.split(r",(?=[A-Z][A-Z0-9_]*=)", settings) if item]
     if not name or not pairs or any(len(p) != 2 for p in pairs):
         raise argparse.ArgumentTypeError(f"{text!r}: use NAME:SETTING=VALUE[,SETTING=VALUE]")

@@ -90,3 +90,25 @@ def test_on_by_default_and_same_tokens_as_off(model):
     assert same_logprobs(logprobs_on, logprobs_off, tokens_on[:10])
     assert all(n >= len(SHARED_PREFIX) - 16 for n in cached_on)
     assert [len(t) for t in tokens_on] == [p.max_tokens for p in all_params]
+
+
+@pytest.mark.parametrize("slots, want", [
+    ({"a": (0, 4), "b": (1, 4), "c": (2, 4)}, [[5], [6], [7]]),  # a steady decode step
+    ({"a": (2, 4), "b": (0, 4), "c": (1, 4)}, [[7], [5], [6]]),  # rows reordered
+    ({"a": (0, 4), "c": (2, 4)}, [[5], [9], [7]]),  # b's token known on the host
+])
+def test_a_step_takes_the_last_steps_tokens_from_the_device(slots, want):
+    """Each row whose last output token is still on the device gets it from there;
+    the others keep the host's."""
+    import mlx.core as mx
+    import numpy as np
+
+    from vllm_metal.async_output import InFlightTokens
+
+    flight = InFlightTokens(mx.array([5, 6, 7], mx.int32), slots)
+    host = np.array([[-1], [9], [-1]], np.int32)
+    # (row, req_id, first position, query length, prompt length): output position 4 is
+    # the request's position 14 after a 10-token prompt.
+    rows = [(i, req_id, 14, 1, 10) for i, req_id in enumerate("abc")]
+    got = flight.fill_inputs(host, rows)
+    assert got.dtype == mx.int32 and got.tolist() == want

@@ -217,9 +217,9 @@ def test_gpu_benchmarks_online_part_brackets_the_plugin_between_mlx_lm_runs(tmp_
 def test_step_loop_variants_take_values_with_commas():
     from benchmarks.step_loop import parse_variant
 
-    assert parse_variant("both:VLLM_METAL_KERNEL_TRIALS=gemv-prefetch,gemv-stream,"
+    assert parse_variant("both:VLLM_METAL_TRIALS=gemv-prefetch,gemv-stream,"
                          "VLLM_METAL_ATTENTION_WARPS=8") == (
-        "both", {"VLLM_METAL_KERNEL_TRIALS": "gemv-prefetch,gemv-stream",
+        "both", {"VLLM_METAL_TRIALS": "gemv-prefetch,gemv-stream",
                  "VLLM_METAL_ATTENTION_WARPS": "8"})
     with pytest.raises(argparse.ArgumentTypeError):
         parse_variant("no-settings")

@@ -121,10 +121,10 @@ def compile_log(source: str, arch: str) -> tuple[int, str]:
 
 
 def recorded_calls(monkeypatch, trials: str = "none") -> list[dict]:
-    """``trials``: VLLM_METAL_KERNEL_TRIALS while the entry points run."""
+    """``trials``: VLLM_METAL_TRIALS while the entry points run."""
     recorder = Recorder()
     monkeypatch.setattr(mx.fast, "cuda_kernel", recorder, raising=False)
-    monkeypatch.setenv("VLLM_METAL_KERNEL_TRIALS", trials)
+    monkeypatch.setenv("VLLM_METAL_TRIALS", trials)
     most_warps = 32 if trials == "none" else fused_decode.WARP_KEYS_MAX_WARPS
     kernels = (decode_kernel._kernel, decode_kernel._write_kernel, gemv._kernel,
                fused_decode._kernel, decode_block._swiglu_kernel)
@@ -193,11 +193,11 @@ def distinct(calls: list[dict]) -> list[dict]:
     return unique
 
 
-@pytest.mark.parametrize("trials", ["none", ",".join(envs.KERNEL_TRIALS)],
+@pytest.mark.parametrize("trials", ["none", ",".join(envs.TRIALS)],
                          ids=["default", "kernel-trials"])
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 def test_every_kernel_source_compiles(monkeypatch, arch, trials):
-    """By default, and with every kernel trial of VLLM_METAL_KERNEL_TRIALS on."""
+    """By default, and with every kernel trial of VLLM_METAL_TRIALS on."""
     calls = distinct(recorded_calls(monkeypatch, trials))
     names = {call["name"] for call in calls}
     assert names == {"vllm_metal_paged_decode_attention", "vllm_metal_paged_kv_write",

@@ -96,7 +96,7 @@ def test_swiglu_epilogue_trial_gives_the_plain_tokens(tiny_model, monkeypatch):
     monkeypatch.setenv("VLLM_METAL_FUSED_DECODE_BLOCK", "0")
     plain = generate(model)
     monkeypatch.setenv("VLLM_METAL_FUSED_DECODE_BLOCK", "auto")
-    monkeypatch.setenv("VLLM_METAL_KERNEL_TRIALS", "swiglu-epilogue")
+    monkeypatch.setenv("VLLM_METAL_TRIALS", "swiglu-epilogue")
     folded, unfolded = [], []
 
     def linear_stand_in(x, weight, bias=None, norm=None, residual=None, swiglu=False, **_):
@@ -163,9 +163,9 @@ def test_engine_with_the_fused_kernels_gives_the_plain_tokens(arch, overrides, i
 
 @pytest.mark.skipif(not ON_CUDA, reason="the kernels run on MLX's CUDA build")
 @pytest.mark.parametrize("trials", ["gemv-prefetch", "gemv-stream", "swiglu-epilogue",
-                                    "attention-warp-keys", "all"])
+                                    "attention-warp-keys", "decode-inputs-kept", "all"])
 def test_engine_with_kernel_trials_gives_the_plain_tokens(trials, tiny_model, monkeypatch):
-    """Each kernel trial of VLLM_METAL_KERNEL_TRIALS, and all of them, in the engine."""
+    """Each kernel trial of VLLM_METAL_TRIALS, and all of them, in the engine."""
     from vllm_metal import envs
 
     model = tiny_model("llama", head_dim=32, mlp_bias=True, attention_bias=True)
@@ -174,8 +174,8 @@ def test_engine_with_kernel_trials_gives_the_plain_tokens(trials, tiny_model, mo
     plain = generate(model)
     monkeypatch.setenv("VLLM_METAL_FUSED_DECODE_BLOCK", "1")
     monkeypatch.setenv("VLLM_METAL_KV_WRITE_IN_PLACE", "auto")
-    monkeypatch.setenv("VLLM_METAL_KERNEL_TRIALS",
-                       ",".join(envs.KERNEL_TRIALS) if trials == "all" else trials)
+    monkeypatch.setenv("VLLM_METAL_TRIALS",
+                       ",".join(envs.TRIALS) if trials == "all" else trials)
     assert generate(model) == plain
 
 

@@ -149,7 +149,7 @@ def test_warp_keys_trial_gives_the_reference(dtype, heads, kv_heads, head_dim, w
     """A key per warp (the attention-warp-keys trial): contexts of one pass and of
     several (600 positions over 16 warps: two), warps with no position, a Qwen3
     head (q/k norms), the KV write in place."""
-    monkeypatch.setenv("VLLM_METAL_KERNEL_TRIALS", "attention-warp-keys")
+    monkeypatch.setenv("VLLM_METAL_TRIALS", "attention-warp-keys")
     qkv, pool, positions, write_rows, read_rows = case(3, heads, kv_heads, head_dim, dtype,
                                                        longest=longest)
     rng = np.random.default_rng(9)
@@ -175,7 +175,7 @@ def test_warp_keys_trial_takes_at_most_16_warps(monkeypatch):
     """Its threads hold more registers than a block of 32 warps allows: the automatic
     choice stops at 16, and 32 asked for is refused."""
     monkeypatch.delenv("VLLM_METAL_ATTENTION_WARPS", raising=False)
-    monkeypatch.setenv("VLLM_METAL_KERNEL_TRIALS", "attention-warp-keys")
+    monkeypatch.setenv("VLLM_METAL_TRIALS", "attention-warp-keys")
     assert fused_decode.warps_for(1, 32) == fused_decode.WARP_KEYS_MAX_WARPS == 16
     qkv, pool, positions, write_rows, read_rows = case(1, 4, 2, 64, mx.float32)
     with pytest.raises(ValueError, match="attention-warp-keys trial takes at most 16"):

@@ -314,8 +314,8 @@ def test_swiglu_epilogue_matches_its_reference(dtype, rows, per_warp, with_bias)
 @pytest.mark.parametrize("split, unroll", [(4, 4), (1, 2), (2, 8)])
 def test_vector_kernel_trials_match_its_reference(trial, rows, split, unroll, monkeypatch):
     """The activations loaded with the weights, or weights read with a streaming hint
-    (VLLM_METAL_KERNEL_TRIALS), with the norm and residual folded in."""
-    monkeypatch.setenv("VLLM_METAL_KERNEL_TRIALS", trial)
+    (VLLM_METAL_TRIALS), with the norm and residual folded in."""
+    monkeypatch.setenv("VLLM_METAL_TRIALS", trial)
     rng = np.random.default_rng(rows * 11 + unroll)
     width, out_features = 3072, 1030
     x = mx.array(rng.standard_normal((rows, 1, width)), dtype=mx.bfloat16)

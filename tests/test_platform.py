@@ -37,7 +37,7 @@ def test_use_mlx_0_hands_back_to_vllm():
     ("VLLM_MLX_DEVICE", "tpu"),
     ("VLLM_METAL_USE_MLX", "maybe"),
     ("VLLM_METAL_DEBUG", "2"),
-    ("VLLM_METAL_KERNEL_TRIALS", "gemv-prefetch,faster"),
+    ("VLLM_METAL_TRIALS", "gemv-prefetch,faster"),
 ])
 def test_bad_setting_names_the_variable(monkeypatch, name, bad):
     monkeypatch.setenv(name, bad)
@@ -56,10 +56,10 @@ def test_settings_defaults(monkeypatch):
 
 
 def test_kernel_trials_are_off_unless_named(monkeypatch):
-    monkeypatch.delenv("VLLM_METAL_KERNEL_TRIALS", raising=False)
-    assert not any(envs.trial(name) for name in envs.KERNEL_TRIALS)
-    monkeypatch.setenv("VLLM_METAL_KERNEL_TRIALS", " gemv-prefetch, swiglu-epilogue ")
-    assert [name for name in envs.KERNEL_TRIALS if envs.trial(name)] == ["gemv-prefetch",
+    monkeypatch.delenv("VLLM_METAL_TRIALS", raising=False)
+    assert not any(envs.trial(name) for name in envs.TRIALS)
+    monkeypatch.setenv("VLLM_METAL_TRIALS", " gemv-prefetch, swiglu-epilogue ")
+    assert [name for name in envs.TRIALS if envs.trial(name)] == ["gemv-prefetch",
                                                                        "swiglu-epilogue"]
 
 

@@ -38,10 +38,10 @@ class InFlightTokens:
             self.values = self.tokens.tolist()
         return self.values
 
-    def fill_inputs(self, tokens: mx.array, rows: list[tuple[int, str, int, int, int]]) -> mx.array:
-        """``tokens`` [B, L] with host placeholders -> the device's tokens in their
-        place. ``rows``: (row of ``tokens``, req_id, first position, query length,
-        prompt length)."""
+    def fill_inputs(self, tokens: np.ndarray, rows: list[tuple[int, str, int, int, int]]) -> mx.array:
+        """``tokens`` [B, L] with host placeholders -> the step's input tokens, the
+        device's in their place. ``rows``: (row of ``tokens``, req_id, first
+        position, query length, prompt length)."""
         at_rows, at_cols, source = [], [], []
         for i, req_id, start, query_len, num_prompt in rows:
             slot = self.slots.get(req_id)
@@ -54,11 +54,17 @@ class InFlightTokens:
                 at_cols.append(column)
                 source.append(index)
         if not at_rows:
-            return tokens
-        tokens[mx.array(np.array(at_rows)), mx.array(np.array(at_cols))] = (
+            return mx.array(tokens)
+        if (tokens.shape[1] == 1 and at_rows == list(range(len(tokens)))
+                and source == list(range(self.tokens.size))):
+            # A steady decode step: the last step's tokens as they lie, no array from the
+            # host (on MLX's CUDA build its first reader waits for its pages to move).
+            return self.tokens.reshape(-1, 1)
+        filled = mx.array(tokens)
+        filled[mx.array(np.array(at_rows)), mx.array(np.array(at_cols))] = (
             self.tokens[mx.array(np.array(source, np.int32))]
         )
-        return tokens
+        return filled
 
 
 @dataclass

@@ -364,8 +364,9 @@ class MetalModelRunner:
         for i, row in enumerate(group.rows):
             start = group.starts[i]
             tokens[i, : qlens[i]] = batch.token_ids_cpu[row, start : start + qlens[i]]
-        tokens = mx.array(tokens)
-        if self.in_flight is not None and not self.in_flight.settled:
+        if self.in_flight is None or self.in_flight.settled:
+            tokens = mx.array(tokens)
+        else:
             tokens = self.in_flight.fill_inputs(tokens, [
                 (i, batch.req_ids[row], group.starts[i], int(qlens[i]),
                  int(batch.num_prompt_tokens[row]))

@@ -13,7 +13,7 @@ compiled decode step runs:
 3. the output projection plus the residual (``gemv``, with its residual);
 4. the post-attention norm and the fused gate/up projection;
 5. the SwiGLU activation (``swiglu``; folded into 4 under the ``swiglu-epilogue``
-   trial of ``VLLM_METAL_KERNEL_TRIALS``);
+   trial of ``VLLM_METAL_TRIALS``);
 6. the down projection plus the residual.
 
 Rows ``gemv.covers`` leaves out (above ``gemv.MAX_ROWS``, or above
