@@ -17,6 +17,7 @@ writes the pools in place (``VLLM_METAL_KV_WRITE_IN_PLACE``: by default where
 its layers are fused, on CUDA), and otherwise waits for each step before the next.
 
     python -m benchmarks.device_profile MODEL_DIR [--batch 1 8] [--steps 20] [--out DIR]
+        [--variants NAME:SETTING=VALUE[,SETTING=VALUE] ...]
 """
 
 import argparse
@@ -116,11 +117,13 @@ def profile(step, steps: int, pipelined: bool, top: int) -> dict:
     return {"pipelined": pipelined, **summarize(events, steps, wall, top)}
 
 
-def measure(model_dir: str, batch: int, steps: int, top: int) -> dict:
+def measure(model_dir: str, batch: int, steps: int, top: int,
+            variants: dict[str, dict[str, str]] | None = None) -> dict:
     # Room in the pools for the warm-up and profiled steps of each kind.
-    step_of, facts = decode_steps(model_dir, batch, steps + 8)
+    step_of, facts = decode_steps(model_dir, batch, steps + 8, variants=variants)
     result = {"batch": batch, **facts}
-    for name, pipelined in (("mlx_lm", True), ("plugin_compiled", facts["writes_in_place"])):
+    for name in ("mlx_lm", "plugin_compiled", *(f"plugin_compiled:{v}" for v in variants or {})):
+        pipelined = name == "mlx_lm" or facts["writes_in_place"]
         result[name] = profile(step_of[name], steps, pipelined, top)
     return result
 
@@ -129,7 +132,7 @@ def table(results: list[dict]) -> str:
     lines = ["| batch | step | issued | wall ms | kernels ms | span ms | kernels | top kernels (ms, count) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        for name in ("mlx_lm", "plugin_compiled"):
+        for name in [key for key in r if key == "mlx_lm" or key.startswith("plugin_compiled")]:
             p = r[name]
             top = "; ".join(f"{k['name']} {k['ms']} x{k['per_step']}" for k in p.get("top", [])[:6])
             lines.append(f"| {r['batch']} | {name} | {'ahead' if p['pipelined'] else 'waits'} | "
@@ -138,13 +141,28 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def batch_parser(doc: str, steps: int) -> argparse.ArgumentParser:
-    """The arguments of a benchmark that times decode steps of a model per batch size."""
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, settings = text.partition(":")
+    # A comma starts a new pair only before a SETTING=: values may hold commas
+    # (VLLM_METAL_TRIALS=gemv-prefetch,gemv-stream).
+    pairs = [item.split("=", 1) for item in re.split(r",(?=[A-Z][A-Z0-9_]*=)", settings) if item]
+    if not name or not pairs or any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: use NAME:SETTING=VALUE[,SETTING=VALUE]")
+    return name, dict(pairs)
+
+
+def batch_parser(doc: str, steps: int, variants: bool = False) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that times decode steps of a model per batch size
+    (``variants``: and of the compiled step traced with other settings)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--out", type=Path, default=None)
+    if variants:
+        parser.add_argument("--variants", nargs="*", type=parse_variant, default=[],
+                            help="NAME:SETTING=VALUE[,SETTING=VALUE]: the compiled step traced "
+                                 "with these settings, beside the default")
     return parser
 
 
@@ -163,10 +181,12 @@ def run_batches(batches: list[int], measure_one, name: str, out: Path | None, to
 
 
 def main() -> None:
-    parser = batch_parser(__doc__, steps=20)
+    parser = batch_parser(__doc__, steps=20, variants=True)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
-    run_batches(args.batch, lambda batch: measure(args.model, batch, args.steps, args.top),
+    variants = dict(args.variants)
+    run_batches(args.batch,
+                lambda batch: measure(args.model, batch, args.steps, args.top, variants),
                 "device_profile", args.out, table)
 
 

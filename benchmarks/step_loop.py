@@ -17,8 +17,6 @@ timed by the wall clock, where a profiler's activity records distort short kerne
         [--variants rows-2:VLLM_METAL_GEMV_SPLIT_UNROLL=4-4-2]
 """
 
-import argparse
-import re
 import statistics
 import time
 
@@ -26,16 +24,6 @@ from benchmarks.device_profile import batch_parser, run_batches
 from benchmarks.host_cost import decode_steps
 
 PLUGIN = "plugin_compiled"
-
-
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    name, _, settings = text.partition(":")
-    # A comma starts a new pair only before a SETTING=: values may hold commas
-    # (VLLM_METAL_TRIALS=gemv-prefetch,gemv-stream).
-    pairs = [item.split("=", 1) for item in re.split(r",(?=[A-Z][A-Z0-9_]*=)", settings) if item]
-    if not name or not pairs or any(len(p) != 2 for p in pairs):
-        raise argparse.ArgumentTypeError(f"{text!r}: use NAME:SETTING=VALUE[,SETTING=VALUE]")
-    return name, dict(pairs)
 
 
 def loop_ms(step, steps: int, pipelined: bool) -> dict:
@@ -95,11 +83,7 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = batch_parser(__doc__, steps=100)
-    parser.add_argument("--variants", nargs="*", type=parse_variant, default=[],
-                        help="NAME:SETTING=VALUE[,SETTING=VALUE]: the compiled step traced with "
-                             "these settings, beside the default")
-    args = parser.parse_args()
+    args = batch_parser(__doc__, steps=100, variants=True).parse_args()
     variants = dict(args.variants)
     run_batches(args.batch, lambda batch: measure(args.model, batch, args.steps, variants),
                 "step_loop", args.out, table)

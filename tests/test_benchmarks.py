@@ -90,20 +90,23 @@ def test_small_run_meets_its_time_budget(tmp_path, request):
 
 def test_device_profile_runs_both_steps_and_writes_its_table(tiny_model, tmp_path):
     """On a machine without CUDA the profile records no kernels, says so, and
-    still times both kinds of step; on the GPU machine it lists the kernels."""
+    still times both kinds of step and a variant; on the GPU machine it lists the
+    kernels."""
     model = tiny_model("qwen3", num_hidden_layers=2)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     done = subprocess.run([sys.executable, "-m", "benchmarks.device_profile", model, "--batch", "1",
-                           "--steps", "3", "--out", str(tmp_path)],
+                           "--steps", "3", "--out", str(tmp_path),
+                           "--variants", "kept:VLLM_METAL_TRIALS=decode-inputs-kept"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = json.loads((tmp_path / "device_profile.json").read_text())
-    for name in ("mlx_lm", "plugin_compiled"):
+    names = ["mlx_lm", "plugin_compiled", "plugin_compiled:kept"]
+    for name in names:
         assert result[name]["wall_ms"] > 0
         assert "kernel_ms" in result[name] or "no device activity" in result[name]["note"]
     rows = [line for line in (tmp_path / "device_profile.md").read_text().splitlines()
             if line.startswith("| 1 |")]
-    assert [row.split("|")[2].strip() for row in rows] == ["mlx_lm", "plugin_compiled"]
+    assert [row.split("|")[2].strip() for row in rows] == names
 
 
 def test_step_loop_brackets_the_plugins_steps_between_mlx_lms(tiny_model, tmp_path):
@@ -215,7 +218,7 @@ def test_gpu_benchmarks_online_part_brackets_the_plugin_between_mlx_lm_runs(tmp_
 
 
 def test_step_loop_variants_take_values_with_commas():
-    from benchmarks.step_loop import parse_variant
+    from benchmarks.device_profile import parse_variant
 
     assert parse_variant("both:VLLM_METAL_TRIALS=gemv-prefetch,gemv-stream,"
                          "VLLM_METAL_ATTENTION_WARPS=8") == (
