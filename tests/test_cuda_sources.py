@@ -176,6 +176,11 @@ def recorded_calls(monkeypatch, trials: str = "none") -> list[dict]:
                     mx.zeros((4, kv_heads, 1), mx.int32), mx.zeros((4, kv_heads, 32), mx.int32),
                     heads, kv_heads, 0.1, mx.zeros((head_dim // 2,), mx.float32), traditional,
                     q_norm, q_norm, 1e-6, write, warps=warps)
+            fused_decode.fused_decode_attention(
+                qkv, mx.zeros((64, head_dim), dtype), mx.zeros((2,), mx.int32),
+                mx.zeros((4, kv_heads, 1), mx.int32), mx.zeros((4, kv_heads, 32), mx.int32),
+                heads, kv_heads, 0.1, mx.zeros((head_dim // 2,), mx.float32), False,
+                warps=most_warps, tables=(mx.zeros((2, 2), mx.int32), 16))
         decode_block.swiglu(mx.zeros((3, 1, 2 * 96), dtype))
     for cached in kernels:
         cached.cache_clear()  # the recorder must not outlive the test

@@ -163,7 +163,8 @@ def test_engine_with_the_fused_kernels_gives_the_plain_tokens(arch, overrides, i
 
 @pytest.mark.skipif(not ON_CUDA, reason="the kernels run on MLX's CUDA build")
 @pytest.mark.parametrize("trials", ["gemv-prefetch", "gemv-stream", "swiglu-epilogue",
-                                    "attention-warp-keys", "decode-inputs-kept", "all"])
+                                    "attention-warp-keys", "attention-tables",
+                                    "decode-inputs-kept", "all"])
 def test_engine_with_kernel_trials_gives_the_plain_tokens(trials, tiny_model, monkeypatch):
     """Each kernel trial of VLLM_METAL_TRIALS, and all of them, in the engine."""
     from vllm_metal import envs

@@ -222,3 +222,30 @@ def test_a_steps_inputs_follow_the_last_on_the_device(monkeypatch):
     monkeypatch.delenv("VLLM_METAL_TRIALS")
     assert kept._inputs(tables, positions, 4).tables is not kept._inputs(
         tables, positions + 1, 4).tables, "off by default"
+
+
+def test_a_steps_plan_carries_the_tables_its_pool_rows_come_from():
+    """What the attention-tables trial's kernel reads: the step's block tables and
+    block size, from which position j's key row is (table[j // bs] * 2 H + h) * bs +
+    j % bs and its value row H * bs on, the rows the plan builds for other kernels."""
+    import mlx.core as mx
+    import numpy as np
+
+    from vllm_metal.attention.decode_graph import DecodeGraphs
+    from vllm_metal.attention.paged import PagedKVCache
+
+    heads, bs = 2, 4
+    kv = PagedKVCache(1, 20, bs, heads, 32, mx.float32)
+    graphs = DecodeGraphs(None, kv, [None], grouped_mask=False, use_kernel=True)
+    inputs = graphs._inputs(np.array([[3, 5, 7], [4, 6, 8]]), np.array([9, 4]), 2)
+    plan = graphs._plan(inputs.offsets, inputs.tables)
+    assert plan.block_size == bs and plan.tables.tolist() == inputs.tables.tolist()
+    table = np.array(plan.tables)
+    read = np.array(plan.read_rows)  # [2B, H, positions]
+    for b, position in enumerate([9, 4]):
+        for h in range(heads):
+            for j in range(position + 1):
+                key = (table[b, j // bs] * 2 * heads + h) * bs + j % bs
+                assert read[b, h, j] == key and read[2 + b, h, j] == key + heads * bs
+            key = (table[b, position // bs] * 2 * heads + h) * bs + position % bs
+            assert np.array(plan.write_rows)[b, h, 0] == key

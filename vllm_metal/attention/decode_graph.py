@@ -166,7 +166,7 @@ class DecodeGraphs:
         read_rows = position_rows(pool_rows(tables, kv.num_kv_heads, bs, kv.entries), bs)
         masks = self._masks(offsets, tables.shape[-1] * bs)
         return StepPlan(offsets, write_rows, read_rows, dict(zip(self.windows, masks)),
-                        self.use_kernel, self.writes_in_place)
+                        self.use_kernel, self.writes_in_place, tables, bs)
 
     def _masks(self, offsets: mx.array, num_keys: int) -> list[mx.array]:
         """One per window, the keys each row may see. Unused where a kernel attends:
@@ -225,6 +225,9 @@ class StepPlan:
     masks: dict
     use_kernel: bool = False
     write_in_place: bool = False
+    # The blocks read [Bp, Np] and their size: a kernel may find pool rows from them.
+    tables: mx.array | None = None
+    block_size: int = 0
 
     def window_of(self, mask) -> tuple[bool, int | None]:
         return window_of(mask, self.masks)

@@ -150,13 +150,16 @@ class FusedDecodeStep:
         qkv = _linear(x, attention.qkv_fused.layer, (norm.weight, norm.eps))
         q_norm = attention.get("q_norm")
         in_place = plan.write_in_place
+        # Under the attention-tables trial the kernel finds pool rows from the blocks read.
+        by_tables = envs.trial("attention-tables") and in_place
         result = fused_decode.fused_decode_attention(
             qkv, cache.pools[cache.layer], plan.offsets, plan.write_rows, plan.read_rows,
             attention.n_heads, attention.n_kv_heads, attention.scale, self._inv_freq,
             self._traditional, None if q_norm is None else q_norm.weight,
             None if q_norm is None else attention.k_norm.weight,
             0.0 if q_norm is None else q_norm.eps, write=in_place,
-            warps=fused_decode.warps_for(x.shape[0], attention.n_heads))
+            warps=fused_decode.warps_for(x.shape[0], attention.n_heads),
+            tables=(plan.tables, plan.block_size) if by_tables else None)
         if not in_place:
             result, keys, values = result
             cache._write(keys, values)
