@@ -69,8 +69,9 @@ def test_fused_decode_steps_give_the_plain_tokens(arch, overrides, tiny_model, m
     calls = []
 
     def stand_in(qkv, pool, offsets, write_rows, read_rows, heads, kv_heads, scale, inv_freq,
-                 traditional, q_norm=None, k_norm=None, eps=0.0, write=True, warps=None):
-        assert not write, "off CUDA the pools are written by a scatter"
+                 traditional, q_norm=None, k_norm=None, eps=0.0, write=True, warps=None,
+                 tables=None):
+        assert not write and tables is None, "off CUDA the pools are written by a scatter"
         calls.append((qkv.shape, q_norm is not None, warps == fused_decode.warps_for(len(qkv), heads)))
         return fused_decode.reference(qkv, pool, offsets, read_rows, heads, kv_heads, scale,
                                       inv_freq, traditional, q_norm, k_norm, eps)
@@ -105,7 +106,7 @@ def test_swiglu_epilogue_trial_gives_the_plain_tokens(tiny_model, monkeypatch):
 
     def attention_stand_in(qkv, pool, offsets, write_rows, read_rows, heads, kv_heads, scale,
                            inv_freq, traditional, q_norm=None, k_norm=None, eps=0.0, write=True,
-                           warps=None):
+                           warps=None, tables=None):
         return fused_decode.reference(qkv, pool, offsets, read_rows, heads, kv_heads, scale,
                                       inv_freq, traditional, q_norm, k_norm, eps)
 
