@@ -226,3 +226,18 @@ def test_step_loop_variants_take_values_with_commas():
                  "VLLM_METAL_ATTENTION_WARPS": "8"})
     with pytest.raises(argparse.ArgumentTypeError):
         parse_variant("no-settings")
+
+
+def test_trials_flag_adds_a_variant_per_trial_and_one_of_all():
+    from benchmarks.device_profile import batch_parser, chosen_variants
+
+    from vllm_metal import envs
+
+    args = batch_parser("doc", steps=5, variants=True).parse_args(
+        ["model", "--variants", "w:VLLM_METAL_ATTENTION_WARPS=8", "--trials"])
+    variants = chosen_variants(args)
+    assert variants["w"] == {"VLLM_METAL_ATTENTION_WARPS": "8"}
+    assert [variants[name] for name in envs.TRIALS] == [{"VLLM_METAL_TRIALS": name}
+                                                        for name in envs.TRIALS]
+    envs.SETTINGS["VLLM_METAL_TRIALS"].parse(variants["all-trials"]["VLLM_METAL_TRIALS"])
+    assert len(variants) == len(envs.TRIALS) + 2
