@@ -122,6 +122,13 @@ def test_three_hosts_pipeline_parallel_serve_one_host_tokens(tiny_model, tmp_pat
     assert got == expected
 
 
+# Every host's processes gone after a rank is killed: rank 0 sees the dropped connection at
+# once (the client's error: 0.1 s), then its own shutdown and the launcher's stop of the other
+# hosts. 4-5 s alone; 15.5 s once in CI beside another test worker, whose load slows every
+# process's teardown. The client's limit stays 10 s.
+KILLED_RANK_EXIT_LIMIT_S = 20
+
+
 def test_killing_a_rank_fails_requests_and_stops_every_host(tiny_model, tmp_path):
     model = tiny_model("qwen3")
     with SimulatedHosts(2) as hosts, Launch(hosts, model, ["--tensor-parallel-size", "2"],
@@ -154,7 +161,7 @@ def test_killing_a_rank_fails_requests_and_stops_every_host(tiny_model, tmp_path
         output = launch.output()
     assert ended_with_error, output[-3000:]
     assert client_seconds < 10, client_seconds
-    assert exit_seconds < 10, (exit_seconds, output[-3000:])
+    assert exit_seconds < KILLED_RANK_EXIT_LIMIT_S, (exit_seconds, output[-3000:])
     assert "lost contact with rank 1" in output, output[-3000:]
     time.sleep(1)
     assert not [p for p in all_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
