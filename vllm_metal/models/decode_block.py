@@ -63,6 +63,9 @@ def _swiglu_kernel():
                                output_names=["out"], source=_SWIGLU_SOURCE)
 
 
+reference_swiglu = gemv.reference_swiglu  # the SwiGLU kernel's specification
+
+
 def swiglu(gu: mx.array) -> mx.array:
     """``gu`` [..., 2I] (gate, then up) -> silu(gate) * up [..., I], one kernel."""
     width = gu.shape[-1] // 2
@@ -72,11 +75,6 @@ def swiglu(gu: mx.array) -> mx.array:
         inputs=[gu], template=[("T", gu.dtype)], grid=(-(-total // threads) * threads, 1, 1),
         threadgroup=(threads, 1, 1), output_shapes=[(*gu.shape[:-1], width)],
         output_dtypes=[gu.dtype])[0]
-
-
-def reference_swiglu(gu: mx.array) -> mx.array:
-    gate, up = mx.split(gu, 2, axis=-1)
-    return nn.silu(gate) * up
 
 
 def rotary_frequencies(rope, head_dim: int) -> tuple[mx.array, bool] | None:

@@ -468,9 +468,14 @@ def reference_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None
     if bias is not None:
         out = out + bias
     if swiglu:
-        gate, up = mx.split(out, 2, axis=-1)
-        out = nn.silu(gate) * up
+        out = reference_swiglu(out)
     return out if residual is None else residual + out
+
+
+def reference_swiglu(gu: mx.array) -> mx.array:
+    """``gu`` [..., 2I] (gate, then up) -> silu(gate) * up [..., I]."""
+    gate, up = mx.split(gu, 2, axis=-1)
+    return nn.silu(gate) * up
 
 
 class SmallBatchLinear(nn.Linear):
