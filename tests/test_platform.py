@@ -140,3 +140,18 @@ def test_configs_it_would_get_wrong_are_refused(tiny_model, tmp_path, arch, fiel
     (model_dir / "config.json").write_text(json.dumps({**config, **fields}))
     with pytest.raises(Exception, match=words):
         start_llm(str(model_dir))
+
+
+@pytest.mark.parametrize("trials, options, fix", [
+    ("gemv-prefetch", {}, "needs the matrix-vector kernel"),
+    ("decode-inputs-kept", {"enforce_eager": True}, "needs compiled decode steps"),
+])
+def test_a_trial_that_cannot_run_here_stops_startup(tiny_model, monkeypatch, trials, options, fix):
+    """Off MLX's CUDA build the kernels' trials cannot run; a compiled-step trial cannot
+    with --enforce-eager. Named anyway, startup stops and says which and why."""
+    if on_cuda() and trials == "gemv-prefetch":
+        pytest.skip("the kernel runs here")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's error, as raised
+    monkeypatch.setenv("VLLM_METAL_TRIALS", trials)
+    with pytest.raises(Exception, match=f"VLLM_METAL_TRIALS names {trials}, which {fix}"):
+        start_llm(tiny_model("qwen3"), **options)

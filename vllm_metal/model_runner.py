@@ -164,6 +164,30 @@ class MetalModelRunner:
                 "(Llama, Mistral, Qwen2 or Qwen3 layers, unquantized, projections fused, one rank, "
                 "no LoRA): unset VLLM_METAL_FUSED_DECODE_BLOCK")
 
+    def _refuse_trials_that_cannot_run(self) -> None:
+        """Each trial of VLLM_METAL_TRIALS runs in one part of the engine; named where
+        that part does not run, startup stops rather than ignore it."""
+        graphs = self.decode_graphs
+        compiled = "needs compiled decode steps (one rank, no LoRA, no --enforce-eager)"
+        fused = ("needs the fused decode step (VLLM_METAL_FUSED_DECODE_BLOCK: MLX's CUDA build, "
+                 "Llama, Mistral, Qwen2 or Qwen3 layers, unquantized, one rank, no LoRA)")
+        why_not = {
+            "gemv-prefetch": None if gemv.available() else "needs the matrix-vector kernel "
+                             "(VLLM_METAL_GEMV_KERNEL on MLX's CUDA build)",
+            "decode-inputs-kept": None if graphs is not None else compiled,
+            "swiglu-epilogue": None if graphs is not None and self.fused_blocks else fused,
+            "attention-warp-keys": None if graphs is not None and self.fused_blocks else fused,
+            "attention-tables": (None if graphs is not None and self.fused_blocks
+                                 and graphs.writes_in_place else
+                                 fused + " writing the KV cache in place "
+                                 "(VLLM_METAL_KV_WRITE_IN_PLACE)"),
+        }
+        why_not["gemv-stream"] = why_not["gemv-prefetch"]
+        for name in envs.TRIALS:
+            if envs.trial(name) and why_not[name]:
+                raise RuntimeError(f"VLLM_METAL_TRIALS names {name}, which {why_not[name]}: "
+                                   f"leave it out of VLLM_METAL_TRIALS here")
+
     def _prepare(self, model) -> None:
         """Before the weights are read: this rank's part of the model, then its
         projections fused (LoRA's adapters attach to each projection: kept apart)."""
@@ -248,6 +272,7 @@ class MetalModelRunner:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.layer_windows,
                                               self.grouped_mask, self.paged_kernel,
                                               fused_blocks=self.fused_blocks > 0)
+        self._refuse_trials_that_cannot_run()
         self.input_batch = InputBatch(
             max_num_reqs=self.max_num_reqs,
             max_model_len=self.max_model_len,
