@@ -1,5 +1,7 @@
 """Scheduler output in, sampled tokens out: the step's orchestration.
 
+Setup: the model as this rank runs it (``model_setup``), the KV cache vLLM's
+manager sizes (``kv_layout``), compiled decode steps traced before requests come.
 One step: the persistent batch (``persistent_batch``) folds in the scheduler's
 decisions; ``plan_groups`` splits the scheduled requests into forward groups
 (all single-token decodes together, prompt chunks of like length padded
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 import torch
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, MLAAttentionSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds, ModelRunnerOutput
 from vllm.v1.sample.logits_processor import build_logitsprocs
 from vllm.v1.sample.sampler import Sampler
@@ -34,16 +36,12 @@ from vllm.v1.worker.gpu_input_batch import InputBatch
 from vllm_metal import envs
 from vllm_metal.async_output import PLACEHOLDER, InFlightTokens, MetalAsyncOutput
 from vllm_metal.attention.decode_graph import DecodeGraphs
-from vllm_metal.attention.dispatch import route_attention
 from vllm_metal.attention.paged import BatchPlan, PagedKVCache
 from vllm_metal.drafts import NgramDrafts
 from vllm_metal.forward_groups import ForwardGroup, plan_groups
+from vllm_metal.kv_layout import KVLayout
 from vllm_metal.models.adapter import CausalLM
-from vllm_metal.models.fusion import fuse_projections
-from vllm_metal.models import gemv
-from vllm_metal.models.loader import load_model, mx_dtype
-from vllm_metal.models.registry import GROUPED_SCORE_MASK
-from vllm_metal.models.windows import layer_windows, use_layer_windows
+from vllm_metal.model_setup import load_rank_model, refuse_trials_that_cannot_run
 from vllm_metal.persistent_batch import PersistentBatch
 from vllm_metal.prompt_logprobs import PromptLogprobs
 from vllm_metal.sampling import (decode_sampled, encode_sampled, first_position_masks,
@@ -87,7 +85,7 @@ class MetalModelRunner:
         self.max_num_reqs = self.scheduler_config.max_num_seqs
         self.max_model_len = self.model_config.max_model_len
         self.block_size = self.cache_config.block_size
-        self.dtype = self.model_config.dtype
+        self.kv_layout = KVLayout.of(vllm_config)
 
         self.prompt_logprobs = PromptLogprobs()
         self.batch = PersistentBatch(self.prompt_logprobs, self.is_last_stage)
@@ -115,154 +113,29 @@ class MetalModelRunner:
 
     # ---- setup -------------------------------------------------------------
     def load_model(self) -> None:
-        from vllm_metal.models.hub import checkpoint_dir
-
-        hf_config = self.model_config.hf_text_config
-        checkpoint = checkpoint_dir(self.vllm_config)
-        self.model = CausalLM(load_model(checkpoint, self.dtype, self._prepare))
-        if self.stage_layers is None:
-            self.stage_layers = range(self.model.num_layers)
-        lora_config = self.vllm_config.lora_config
-        if lora_config is not None:
-            from vllm_metal.lora import Adapters
-
-            self.adapters = Adapters(self.model.model, lora_config, self.max_model_len,
-                                     mx_dtype(self.dtype))
-        arch = (self.model_config.architectures or [""])[0]
-        self.grouped_mask = (arch in GROUPED_SCORE_MASK and
-                             self.model_config.get_total_num_kv_heads() != hf_config.num_attention_heads)
-        windows = layer_windows(arch, hf_config)
-        use_layer_windows(self.model.backbone, windows)
-        self.layer_windows = windows
-        self.paged_kernel = route_attention(self.model.model)
-        if gemv.route_linears(self.model.model):
-            logger.info("Linear layers at up to %d rows: one matrix-vector kernel each%s "
-                        "(VLLM_METAL_GEMV_KERNEL=0: MLX's matmul)", gemv.MAX_ROWS,
-                        f", up to {gemv.TENSOR_MAX_ROWS} in half precision on tensor cores "
-                        "(VLLM_METAL_GEMV_TENSOR_CORES=0: off)" if gemv.tensor_cores() else "")
-        if self.paged_kernel:
-            logger.info("Decode attention: one kernel per layer reading the paged KV cache "
-                        "(VLLM_METAL_PAGED_ATTENTION_KERNEL=0: MLX's attention on the gathered context)")
-        self._route_decode_blocks()
-        if any(windows):
-            logger.info("Sliding windows per layer: %s", windows)
-
-    def _route_decode_blocks(self) -> None:
-        """Decoder layers whose compiled decode step runs in six kernels (one rank,
-        no LoRA); VLLM_METAL_FUSED_DECODE_BLOCK=1 with none covered stops startup."""
-        from vllm_metal.models import decode_block
-
-        alone = self.parallel is None and self.adapters is None
-        fused = decode_block.route_blocks(self.model.model) if alone else 0
-        self.fused_blocks = fused
-        if fused:
-            logger.info("Decode steps: %d decoder layers in six kernels each "
-                        "(VLLM_METAL_FUSED_DECODE_BLOCK=0: mlx-lm's layers)", fused)
-        elif envs.VLLM_METAL_FUSED_DECODE_BLOCK == "1":
-            raise RuntimeError(
-                "VLLM_METAL_FUSED_DECODE_BLOCK=1, but no decoder layer of this model is covered "
-                "(Llama, Mistral, Qwen2 or Qwen3 layers, unquantized, projections fused, one rank, "
-                "no LoRA): unset VLLM_METAL_FUSED_DECODE_BLOCK")
-
-    def _refuse_trials_that_cannot_run(self) -> None:
-        """Each trial of VLLM_METAL_TRIALS runs in one part of the engine; named where
-        that part does not run, startup stops rather than ignore it."""
-        graphs = self.decode_graphs
-        compiled = "needs compiled decode steps (one rank, no LoRA, no --enforce-eager)"
-        fused = ("needs the fused decode step (VLLM_METAL_FUSED_DECODE_BLOCK: MLX's CUDA build, "
-                 "Llama, Mistral, Qwen2 or Qwen3 layers, unquantized, one rank, no LoRA)")
-        why_not = {
-            "gemv-prefetch": None if gemv.available() else "needs the matrix-vector kernel "
-                             "(VLLM_METAL_GEMV_KERNEL on MLX's CUDA build)",
-            "decode-inputs-kept": None if graphs is not None else compiled,
-            "swiglu-epilogue": None if graphs is not None and self.fused_blocks else fused,
-            "attention-warp-keys": None if graphs is not None and self.fused_blocks else fused,
-            "attention-tables": (None if graphs is not None and self.fused_blocks
-                                 and graphs.writes_in_place else
-                                 fused + " writing the KV cache in place "
-                                 "(VLLM_METAL_KV_WRITE_IN_PLACE)"),
-        }
-        why_not["gemv-stream"] = why_not["gemv-prefetch"]
-        for name in envs.TRIALS:
-            if envs.trial(name) and why_not[name]:
-                raise RuntimeError(f"VLLM_METAL_TRIALS names {name}, which {why_not[name]}: "
-                                   f"leave it out of VLLM_METAL_TRIALS here")
-
-    def _prepare(self, model) -> None:
-        """Before the weights are read: this rank's part of the model, then its
-        projections fused (LoRA's adapters attach to each projection: kept apart)."""
-        self._partition(model)
-        if envs.VLLM_METAL_FUSE_PROJECTIONS and self.vllm_config.lora_config is None:
-            fuse_projections(model)
-
-    def _partition(self, model) -> None:
-        """This rank's part of the model: its pipeline stage, its tensor shard."""
-        if self.parallel is None:
-            return
-        from vllm_metal.distributed.pipeline import split_stages
-        from vllm_metal.distributed.tensor_parallel import shard_model
-
-        hf_config = self.model_config.hf_text_config
-        if self.tp_size > 1:
-            shard_model(model, self.tp_rank, self.tp_size, self.parallel.tp_all_sum)
-        if self.pp_size > 1:
-            self.stage_layers, self.handoff = split_stages(
-                model, self.pp_rank, self.pp_size, self.parallel, mx_dtype(self.dtype),
-                hf_config.hidden_size, bool(getattr(hf_config, "tie_word_embeddings", False)),
-            )
-
-    @property
-    def use_mla(self) -> bool:
-        """Multi-head latent attention: one cached row per token (latent and rotary
-        key, ``get_head_size()`` values), the same on every TP rank."""
-        return self.model_config.use_mla
-
-    @property
-    def num_kv_heads(self) -> int:
-        if self.use_mla:
-            return 1
-        return self.model_config.get_total_num_kv_heads() // self.tp_size
-
-    @property
-    def kv_entries(self) -> int:
-        return 1 if self.use_mla else 2
+        loaded = load_rank_model(self.vllm_config, self.parallel, self.tp_rank, self.pp_rank)
+        self.model = loaded.model
+        self.stage_layers = loaded.stage_layers
+        self.handoff = loaded.handoff
+        self.adapters = loaded.adapters
+        self.grouped_mask = loaded.grouped_mask
+        self.layer_windows = loaded.layer_windows
+        self.paged_kernel = loaded.paged_kernel
+        self.fused_blocks = loaded.fused_blocks
 
     def kv_layer_names(self) -> list[str]:
         return [f"model.layers.{i}.self_attn" for i in self.stage_layers]
 
     def get_kv_cache_spec(self) -> dict[str, FullAttentionSpec]:
-        spec_class = MLAAttentionSpec if self.use_mla else FullAttentionSpec
-        spec = spec_class(
-            block_size=self.block_size,
-            num_kv_heads=self.num_kv_heads,
-            head_size=self.model_config.get_head_size(),
-            dtype=self.dtype,
-        )
-        return {name: spec for name in self.kv_layer_names()}
+        return self.kv_layout.spec(self.kv_layer_names())
 
     def kv_bytes_per_block(self) -> int:
-        return PagedKVCache.bytes_per_block(
-            len(self.stage_layers),
-            self.block_size,
-            self.num_kv_heads,
-            self.model_config.get_head_size(),
-            self.dtype.itemsize,
-            self.kv_entries,
-        )
+        return self.kv_layout.bytes_per_block(len(self.stage_layers))
 
     def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
         num_blocks = kv_cache_config.num_blocks
         start = time.perf_counter()
-        self.kv_cache = PagedKVCache(
-            num_layers=self.model.num_layers,
-            num_blocks=num_blocks,
-            block_size=self.block_size,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.model_config.get_head_size(),
-            dtype=mx_dtype(self.dtype),
-            own_layers=self.stage_layers,
-            latent_width=self.model_config.hf_text_config.kv_lora_rank if self.use_mla else None,
-        )
+        self.kv_cache = self.kv_layout.allocate(num_blocks, self.model.num_layers, self.stage_layers)
         allocated_in = time.perf_counter() - start
         # Compiled decode steps: one rank (collectives stay outside traced graphs),
         # unless --enforce-eager.
@@ -272,7 +145,7 @@ class MetalModelRunner:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.layer_windows,
                                               self.grouped_mask, self.paged_kernel,
                                               fused_blocks=self.fused_blocks > 0)
-        self._refuse_trials_that_cannot_run()
+        refuse_trials_that_cannot_run(self.decode_graphs, self.fused_blocks)
         self.input_batch = InputBatch(
             max_num_reqs=self.max_num_reqs,
             max_model_len=self.max_model_len,
@@ -288,24 +161,15 @@ class MetalModelRunner:
             is_pooling_model=False,
         )
         self.batch.input_batch = self.input_batch
-        logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GB, %d values per token and "
-            "layer%s), allocated in %.2f s",
-            num_blocks,
-            self.block_size,
-            num_blocks * self.block_size,
-            num_blocks * self.kv_bytes_per_block() / 1e9,
-            self.kv_entries * self.num_kv_heads * self.model_config.get_head_size(),
-            ": the latent and rotary key of latent attention" if self.use_mla else "",
-            allocated_in,
-        )
+        logger.info("KV cache: %s, allocated in %.2f s",
+                    self.kv_layout.describe(num_blocks, self.stage_layers), allocated_in)
 
     def warm_up(self) -> None:
         """One single-token forward into the null block (block 0, never handed to
         requests), so the first request does not pay for MLX's first-call setup; then
         the compiled decode step of each batch bucket, traced before any request waits."""
         plan = BatchPlan.build(np.zeros((1, 1), np.int32), [0], [1], self.block_size,
-                               self.num_kv_heads, entries=self.kv_entries)
+                               self.kv_layout.num_kv_heads, entries=self.kv_layout.entries)
         hidden = self.model.hidden_states(mx.zeros((1, 1), mx.int32),
                                           self.kv_cache.layer_views(plan))
         self._evaluate(self._stage_result(hidden[:, -1]))
@@ -403,7 +267,8 @@ class MetalModelRunner:
         if self._takes_decode_graph(group):
             return self.decode_graphs.logits(tokens, block_table, np.asarray(group.starts))
         plan = BatchPlan.build(block_table, group.starts, qlens, self.block_size,
-                               self.num_kv_heads, self.grouped_mask, self.kv_entries)
+                               self.kv_layout.num_kv_heads, self.grouped_mask,
+                               self.kv_layout.entries)
         plan.use_kernel = self.paged_kernel
         hidden = self.model.hidden_states(tokens, self.kv_cache.layer_views(plan))
         if not self.is_last_stage:
