@@ -116,10 +116,12 @@ def test_covers_few_rows_of_the_weight_type_only(monkeypatch):
     assert not gemv.covers(mx.zeros((gemv.MAX_ROWS + 1, 1, 64), mx.bfloat16), weight)
     assert not gemv.covers(mx.zeros((1, 64), mx.float32), weight)
     assert not gemv.covers(mx.zeros((1, 60), mx.bfloat16), mx.zeros((24, 60), mx.bfloat16))
-    # A weight as large as LARGE_WEIGHT: MLX's matmul above LARGE_WEIGHT_ROWS rows.
+    # A weight as large as LARGE_WEIGHT: MLX's matmul at any rows; one row less, the kernel.
     large = mx.zeros((gemv.LARGE_WEIGHT // 2 // 2048, 2048), mx.bfloat16)
-    assert gemv.covers(mx.zeros((gemv.LARGE_WEIGHT_ROWS, 2048), mx.bfloat16), large)
-    assert not gemv.covers(mx.zeros((gemv.LARGE_WEIGHT_ROWS + 1, 2048), mx.bfloat16), large)
+    below = mx.zeros((gemv.LARGE_WEIGHT // 2 // 2048 - 1, 2048), mx.bfloat16)
+    for rows in (1, 2, gemv.MAX_ROWS):
+        assert not gemv.covers(mx.zeros((rows, 2048), mx.bfloat16), large)
+        assert gemv.covers(mx.zeros((rows, 2048), mx.bfloat16), below)
 
 
 def test_tensor_cores_cover_more_rows_in_half_precision(monkeypatch):

@@ -29,14 +29,14 @@ from vllm_metal.device import cuda_feature
 WARPS = 4
 MAX_ROWS = 8  # the vector kernel's
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
-# A weight of at least LARGE_WEIGHT bytes is read faster by MLX's matmul at more than
-# LARGE_WEIGHT_ROWS rows (H200, benchmarks/linear_kernels.py: Llama-3-8B's products at
-# 8 rows 202 us a layer against the vector kernel's 280, the down projection 59 against
-# 120); the step of a model that large is set by the device, so the matmul's dearer
-# issue is hidden. A smaller model's step is set by the host, where one kernel with
-# the norm and residual folded in is the cheaper to issue.
+# A weight of at least LARGE_WEIGHT bytes is left to MLX's matmul at every row count: a
+# model of such weights has its step set by the device, where the matmul reads them
+# faster (H200, Llama-3-8B offline at batch 1: 198 tok/s against 166 through this
+# kernel, benchmarks/results/gpu-trials.md; at 8 rows, Llama-3-8B's products 202 us a
+# layer against the vector kernel's 280, benchmarks/linear_kernels.py). A smaller
+# model's step is set by the host, where one kernel with the norm and residual folded
+# in is the cheaper to issue.
 LARGE_WEIGHT = 16 * 1024**2
-LARGE_WEIGHT_ROWS = 2
 # The tensor-core kernel (VLLM_METAL_GEMV_TENSOR_CORES): the rows it takes above the
 # vector kernel's, its float types, and (groups of 8 weight rows a block, 32-wide
 # chunks a warp loads at once, warps a block splitting the width).
@@ -333,9 +333,9 @@ def _takes_tensor_cores(rows: int, weight: mx.array) -> bool:
 
 def covers(x: mx.array, weight: mx.array) -> bool:
     """Calls the kernels take: the input and the weight in one float type, rows a
-    whole number of 16-byte loads; 1 to ``MAX_ROWS`` rows of activations (up to
-    ``LARGE_WEIGHT_ROWS`` of a ``LARGE_WEIGHT``), or up to ``TENSOR_MAX_ROWS`` where
-    the tensor-core kernel takes them."""
+    whole number of 16-byte loads, under ``LARGE_WEIGHT`` bytes; 1 to ``MAX_ROWS``
+    rows of activations, or up to ``TENSOR_MAX_ROWS`` where the tensor-core kernel
+    takes them."""
     if weight.ndim != 2 or x.ndim == 0 or weight.dtype not in DTYPES or x.dtype != weight.dtype:
         return False
     width = weight.shape[1]
@@ -343,7 +343,7 @@ def covers(x: mx.array, weight: mx.array) -> bool:
     if x.shape[-1] != width or width % per_load:
         return False
     rows = x.size // width
-    if rows > LARGE_WEIGHT_ROWS and weight.nbytes >= LARGE_WEIGHT:
+    if weight.nbytes >= LARGE_WEIGHT:
         return False
     return 1 <= rows <= MAX_ROWS or _takes_tensor_cores(rows, weight)
 
