@@ -17,7 +17,7 @@ writes the pools in place (``VLLM_METAL_KV_WRITE_IN_PLACE``: by default where
 its layers are fused, on CUDA), and otherwise waits for each step before the next.
 
     python -m benchmarks.device_profile MODEL_DIR [--batch 1 8] [--steps 20] [--out DIR]
-        [--variants NAME:SETTING=VALUE[,SETTING=VALUE] ...] [--trials]
+        [--variants NAME:SETTING=VALUE[,SETTING=VALUE] ...]
 """
 
 import argparse
@@ -143,8 +143,7 @@ def table(results: list[dict]) -> str:
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, settings = text.partition(":")
-    # A comma starts a new pair only before a SETTING=: values may hold commas
-    # (VLLM_METAL_TRIALS=gemv-prefetch,gemv-stream).
+    # A comma starts a new pair only before a SETTING=: values may hold commas.
     pairs = [item.split("=", 1) for item in re.split(r",(?=[A-Z][A-Z0-9_]*=)", settings) if item]
     if not name or not pairs or any(len(p) != 2 for p in pairs):
         raise argparse.ArgumentTypeError(f"{text!r}: use NAME:SETTING=VALUE[,SETTING=VALUE]")
@@ -163,22 +162,7 @@ def batch_parser(doc: str, steps: int, variants: bool = False) -> argparse.Argum
         parser.add_argument("--variants", nargs="*", type=parse_variant, default=[],
                             help="NAME:SETTING=VALUE[,SETTING=VALUE]: the compiled step traced "
                                  "with these settings, beside the default")
-        parser.add_argument("--trials", action="store_true",
-                            help="a variant for each trial of VLLM_METAL_TRIALS, and one of all")
     return parser
-
-
-def chosen_variants(args) -> dict[str, dict[str, str]]:
-    """``--variants``, and with ``--trials`` one per trial of VLLM_METAL_TRIALS and
-    one of them all (``all-trials``)."""
-    from vllm_metal import envs
-
-    variants = dict(args.variants)
-    if args.trials:
-        for name in envs.TRIALS:
-            variants[name] = {"VLLM_METAL_TRIALS": name}
-        variants["all-trials"] = {"VLLM_METAL_TRIALS": ",".join(envs.TRIALS)}
-    return variants
 
 
 def run_batches(batches: list[int], measure_one, name: str, out: Path | None, to_table) -> None:
@@ -199,7 +183,7 @@ def main() -> None:
     parser = batch_parser(__doc__, steps=20, variants=True)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
-    variants = chosen_variants(args)
+    variants = dict(args.variants)
     run_batches(args.batch,
                 lambda batch: measure(args.model, batch, args.steps, args.top, variants),
                 "device_profile", args.out, table)

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 from benchmarks.overhead import PART, STEP_LINE
-from vllm_metal import envs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"qwen3-0.6b": ("qwen3", (1, 8, 32)), "llama-3-8b": ("llama", (1, 8, 12)),
@@ -70,9 +69,6 @@ VARIANTS.update({f"gemv-rows-{r}": {"VLLM_METAL_GEMV_SPLIT_UNROLL": f"4-4-{r}"} 
 # Both kernels as they were before their choices by batch and rows (4 warps; 1-2).
 VARIANTS["previous-kernels"] = {"VLLM_METAL_ATTENTION_WARPS": "4",
                                 "VLLM_METAL_GEMV_SPLIT_UNROLL": "1-2"}
-# Each trial of VLLM_METAL_TRIALS (changes not yet measured on a GPU), and all of them.
-VARIANTS.update({f"trial-{t}": {"VLLM_METAL_TRIALS": t} for t in envs.TRIALS})
-VARIANTS["all-trials"] = {"VLLM_METAL_TRIALS": ",".join(envs.TRIALS)}
 VARIANT_SHAPES = ("qwen3-0.6b", "tiny", "deep-tiny")  # shapes that also run the variants beside the default
 PROMPT_LEN, NEW_TOKENS = 32, 128
 KV_CACHE_BYTES = 8 << 30

@@ -12,16 +12,15 @@ hides while the host stays ahead of it.
 with other settings (those read when a step is traced: the kernels' choices,
 ``VLLM_METAL_GEMV_SPLIT_UNROLL``, ``VLLM_METAL_ATTENTION_WARPS``) to each round,
 timed by the wall clock, where a profiler's activity records distort short kernels.
-``--trials`` adds one for each trial of ``VLLM_METAL_TRIALS`` and one of them all.
 
     python -m benchmarks.step_loop MODEL_DIR [--batch 1 8] [--steps 100] [--out DIR]
-        [--variants rows-2:VLLM_METAL_GEMV_SPLIT_UNROLL=4-4-2] [--trials]
+        [--variants rows-2:VLLM_METAL_GEMV_SPLIT_UNROLL=4-4-2]
 """
 
 import statistics
 import time
 
-from benchmarks.device_profile import batch_parser, chosen_variants, run_batches
+from benchmarks.device_profile import batch_parser, run_batches
 from benchmarks.host_cost import decode_steps
 
 PLUGIN = "plugin_compiled"
@@ -85,7 +84,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     args = batch_parser(__doc__, steps=100, variants=True).parse_args()
-    variants = chosen_variants(args)
+    variants = dict(args.variants)
     run_batches(args.batch, lambda batch: measure(args.model, batch, args.steps, variants),
                 "step_loop", args.out, table)
 

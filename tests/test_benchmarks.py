@@ -96,11 +96,11 @@ def test_device_profile_runs_both_steps_and_writes_its_table(tiny_model, tmp_pat
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     done = subprocess.run([sys.executable, "-m", "benchmarks.device_profile", model, "--batch", "1",
                            "--steps", "3", "--out", str(tmp_path),
-                           "--variants", "kept:VLLM_METAL_TRIALS=decode-inputs-kept"],
+                           "--variants", "warps-8:VLLM_METAL_ATTENTION_WARPS=8"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = json.loads((tmp_path / "device_profile.json").read_text())
-    names = ["mlx_lm", "plugin_compiled", "plugin_compiled:kept"]
+    names = ["mlx_lm", "plugin_compiled", "plugin_compiled:warps-8"]
     for name in names:
         assert result[name]["wall_ms"] > 0
         assert "kernel_ms" in result[name] or "no device activity" in result[name]["note"]
@@ -220,24 +220,7 @@ def test_gpu_benchmarks_online_part_brackets_the_plugin_between_mlx_lm_runs(tmp_
 def test_step_loop_variants_take_values_with_commas():
     from benchmarks.device_profile import parse_variant
 
-    assert parse_variant("both:VLLM_METAL_TRIALS=gemv-prefetch,gemv-stream,"
-                         "VLLM_METAL_ATTENTION_WARPS=8") == (
-        "both", {"VLLM_METAL_TRIALS": "gemv-prefetch,gemv-stream",
-                 "VLLM_METAL_ATTENTION_WARPS": "8"})
+    assert parse_variant("both:MLX_LIST=a,b,VLLM_METAL_ATTENTION_WARPS=8") == (
+        "both", {"MLX_LIST": "a,b", "VLLM_METAL_ATTENTION_WARPS": "8"})
     with pytest.raises(argparse.ArgumentTypeError):
         parse_variant("no-settings")
-
-
-def test_trials_flag_adds_a_variant_per_trial_and_one_of_all():
-    from benchmarks.device_profile import batch_parser, chosen_variants
-
-    from vllm_metal import envs
-
-    args = batch_parser("doc", steps=5, variants=True).parse_args(
-        ["model", "--variants", "w:VLLM_METAL_ATTENTION_WARPS=8", "--trials"])
-    variants = chosen_variants(args)
-    assert variants["w"] == {"VLLM_METAL_ATTENTION_WARPS": "8"}
-    assert [variants[name] for name in envs.TRIALS] == [{"VLLM_METAL_TRIALS": name}
-                                                        for name in envs.TRIALS]
-    envs.SETTINGS["VLLM_METAL_TRIALS"].parse(variants["all-trials"]["VLLM_METAL_TRIALS"])
-    assert len(variants) == len(envs.TRIALS) + 2

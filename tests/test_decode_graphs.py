@@ -26,14 +26,9 @@ def generate(model: str, enforce_eager: bool) -> list[list[int]]:
     ("qwen3", {}),
     ("gemma2", {"sliding_window": 8}),  # grouped-query mask, every other layer windowed
 ])
-@pytest.mark.parametrize("trials", ["none", "decode-inputs-kept"])
-def test_compiled_decode_equals_eager(arch, overrides, trials, tiny_model, monkeypatch):
-    """Also with the decode-inputs-kept trial: steps of the same requests take the last
-    step's inputs on the device (requests finish at different steps: new inputs)."""
+def test_compiled_decode_equals_eager(arch, overrides, tiny_model):
     model = tiny_model(arch, **overrides)
-    eager = generate(model, True)
-    monkeypatch.setenv("VLLM_METAL_TRIALS", trials)  # (refused with --enforce-eager)
-    compiled = generate(model, False)
+    compiled, eager = generate(model, False), generate(model, True)
     assert [len(t) for t in compiled] == [10 + 4 * i for i in range(7)]
     assert compiled == eager
 
@@ -180,73 +175,3 @@ def test_step_addresses_derived_on_the_device_match_the_eager_plan(window):
             want = [first <= key <= position for key in range(allowed.shape[1])]
             assert allowed[row].tolist() == want, (mask_window, row)
     assert plan.offsets.dtype == mx.int32
-
-
-def test_a_steps_inputs_follow_the_last_on_the_device(monkeypatch):
-    """Under the decode-inputs-kept trial (VLLM_METAL_TRIALS), the same requests one
-    position on, reading the same blocks: the step's offsets
-    are the last step's advanced on the device, its tables the same array; any other
-    step (a new block, a request more or fewer, another bucket) sends new ones. Either
-    way they equal what the host would send."""
-    from types import SimpleNamespace
-
-    import mlx.core as mx
-    import numpy as np
-
-    from vllm_metal.attention.decode_graph import DecodeGraphs, bucket
-
-    def graphs():
-        g = DecodeGraphs.__new__(DecodeGraphs)
-        g.kv, g.blocks_bucket, g.min_read_blocks, g._kept = (
-            SimpleNamespace(block_size=4), bucket, 8, None)
-        return g
-
-    monkeypatch.setenv("VLLM_METAL_TRIALS", "decode-inputs-kept")
-    kept = graphs()
-    tables = np.array([[3, 5, 7, 9, 11], [4, 6, 8, 10, 12], [13, 14, 15, 16, 17]])
-    positions = np.array([5, 2, 9])
-    reused = []
-    for step in range(12):
-        batch = 2 if step in (4, 5) else 3  # a request leaves for two steps
-        rows = bucket(batch)
-        last_tables = kept._kept.inputs.tables if kept._kept is not None else None
-        got = kept._inputs(tables[:batch], positions[:batch], rows)
-        want = graphs()._inputs(tables[:batch], positions[:batch], rows)
-        assert got.offsets.tolist() == want.offsets.tolist()
-        assert got.tables.tolist() == want.tables.tolist()
-        if got.tables is last_tables:
-            reused.append(step)
-        positions = positions + 1
-    # Blocks of 4 positions: step 2 takes row 1 into its second block, step 3 row 0
-    # into its third; steps 4 and 6 change the requests; steps 7, 10 and 11 new blocks.
-    assert reused == [1, 5, 8, 9]
-    monkeypatch.delenv("VLLM_METAL_TRIALS")
-    assert kept._inputs(tables, positions, 4).tables is not kept._inputs(
-        tables, positions + 1, 4).tables, "off by default"
-
-
-def test_a_steps_plan_carries_the_tables_its_pool_rows_come_from():
-    """What the attention-tables trial's kernel reads: the step's block tables and
-    block size, from which position j's key row is (table[j // bs] * 2 H + h) * bs +
-    j % bs and its value row H * bs on, the rows the plan builds for other kernels."""
-    import mlx.core as mx
-    import numpy as np
-
-    from vllm_metal.attention.decode_graph import DecodeGraphs
-    from vllm_metal.attention.paged import PagedKVCache
-
-    heads, bs = 2, 4
-    kv = PagedKVCache(1, 20, bs, heads, 32, mx.float32)
-    graphs = DecodeGraphs(None, kv, [None], grouped_mask=False, use_kernel=True)
-    inputs = graphs._inputs(np.array([[3, 5, 7], [4, 6, 8]]), np.array([9, 4]), 2)
-    plan = graphs._plan(inputs.offsets, inputs.tables)
-    assert plan.block_size == bs and plan.tables.tolist() == inputs.tables.tolist()
-    table = np.array(plan.tables)
-    read = np.array(plan.read_rows)  # [2B, H, positions]
-    for b, position in enumerate([9, 4]):
-        for h in range(heads):
-            for j in range(position + 1):
-                key = (table[b, j // bs] * 2 * heads + h) * bs + j % bs
-                assert read[b, h, j] == key and read[2 + b, h, j] == key + heads * bs
-            key = (table[b, position // bs] * 2 * heads + h) * bs + position % bs
-            assert np.array(plan.write_rows)[b, h, 0] == key

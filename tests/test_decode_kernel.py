@@ -86,10 +86,7 @@ def test_routed_decode_gives_the_plain_tokens(arch, overrides, windows, enforce_
         assert set(calls) == windows
 
 
-def random_case(B, heads, kv_heads, head_dim, dtype, block_size=16, seed=0, longest=70,
-                with_tables=False):
-    """Queries, a pool, each request's pool rows and position; ``with_tables``: and the
-    block tables [B, N] int32 the rows come from."""
+def random_case(B, heads, kv_heads, head_dim, dtype, block_size=16, seed=0, longest=70):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, longest, size=B)
     blocks_each = -(-lengths.max() // block_size)
@@ -102,8 +99,7 @@ def random_case(B, heads, kv_heads, head_dim, dtype, block_size=16, seed=0, long
     rows = (first[..., None] + np.arange(block_size)).reshape(2 * B, kv_heads, -1)
     queries = mx.array(rng.standard_normal((B, heads, 1, head_dim)), dtype=dtype)
     offsets = mx.array(lengths - 1, dtype=mx.int32)
-    case = queries, pool, mx.array(rows.astype(np.int32)), offsets
-    return (*case, mx.array(tables.astype(np.int32))) if with_tables else case
+    return queries, pool, mx.array(rows.astype(np.int32)), offsets
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")

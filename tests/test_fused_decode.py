@@ -18,18 +18,16 @@ from vllm_metal.device import on_cuda
 ON_CUDA = on_cuda()
 
 
-def case(batch, heads, kv_heads, head_dim, dtype, seed=0, longest=150, with_tables=False):
+def case(batch, heads, kv_heads, head_dim, dtype, seed=0, longest=150):
     """A pool and its rows as the decode kernel's tests make them, each request's
-    position (its last), the rows it writes there, and a q/k/v projection output;
-    ``with_tables``: and the block tables the rows come from (blocks of 16)."""
-    _, pool, read, positions, tables = random_case(batch, heads, kv_heads, head_dim, dtype,
-                                                   seed=seed, longest=longest, with_tables=True)
+    position (its last), the rows it writes there, and a q/k/v projection output."""
+    _, pool, read, positions = random_case(batch, heads, kv_heads, head_dim, dtype, seed=seed,
+                                           longest=longest)
     own = np.concatenate([np.array(positions)] * 2)
     write = np.array(read)[np.arange(2 * batch), :, own][:, :, None]
     rng = np.random.default_rng(seed)
     qkv = mx.array(rng.standard_normal((batch, 1, (heads + 2 * kv_heads) * head_dim)), dtype=dtype)
-    found = qkv, pool, positions, mx.array(write.astype(np.int32)), read
-    return (*found, tables) if with_tables else found
+    return qkv, pool, positions, mx.array(write.astype(np.int32)), read
 
 
 def inverse_frequencies(head_dim, base=10000.0):
@@ -139,87 +137,3 @@ def test_warps_follow_the_blocks_and_the_setting(monkeypatch):
     monkeypatch.setenv("VLLM_METAL_ATTENTION_WARPS", "64")
     with pytest.raises(ValueError, match="VLLM_METAL_ATTENTION_WARPS='64'"):
         fused_decode.warps_for(1, 32)
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(16, 8, 128), (8, 8, 64), (8, 2, 256)])
-@pytest.mark.parametrize("warps", [1, 4, 16])
-@pytest.mark.parametrize("longest", [40, 600])
-def test_warp_keys_trial_gives_the_reference(dtype, heads, kv_heads, head_dim, warps, longest,
-                                             monkeypatch):
-    """A key per warp (the attention-warp-keys trial): contexts of one pass and of
-    several (600 positions over 16 warps: two), warps with no position, a Qwen3
-    head (q/k norms), the KV write in place."""
-    monkeypatch.setenv("VLLM_METAL_TRIALS", "attention-warp-keys")
-    qkv, pool, positions, write_rows, read_rows = case(3, heads, kv_heads, head_dim, dtype,
-                                                       longest=longest)
-    rng = np.random.default_rng(9)
-    q_norm, k_norm = [mx.array(1 + rng.standard_normal(head_dim) / 4, dtype=dtype)
-                      for _ in range(2)]
-    inv_freq = inverse_frequencies(head_dim)
-    scale = head_dim ** -0.5
-    want, want_keys, _ = fused_decode.reference(qkv, pool, positions, read_rows, heads, kv_heads,
-                                                scale, inv_freq, False, q_norm, k_norm, 1e-6)
-    mx.eval(want, want_keys)
-    got = fused_decode.fused_decode_attention(qkv, pool, positions, write_rows, read_rows, heads,
-                                              kv_heads, scale, inv_freq, False, q_norm, k_norm,
-                                              1e-6, warps=warps)
-    mx.eval(got)
-    tolerance = 1e-4 if dtype == mx.float32 else 3e-2
-    close = lambda a, b: mx.allclose(a.astype(mx.float32), b.astype(mx.float32),  # noqa: E731
-                                     atol=tolerance, rtol=tolerance).item()
-    assert close(got, want)
-    assert close(mx.split(pool[write_rows], 2)[0], want_keys)
-
-
-def test_warp_keys_trial_takes_at_most_16_warps(monkeypatch):
-    """Its threads hold more registers than a block of 32 warps allows: the automatic
-    choice stops at 16, and 32 asked for is refused."""
-    monkeypatch.delenv("VLLM_METAL_ATTENTION_WARPS", raising=False)
-    monkeypatch.setenv("VLLM_METAL_TRIALS", "attention-warp-keys")
-    assert fused_decode.warps_for(1, 32) == fused_decode.WARP_KEYS_MAX_WARPS == 16
-    qkv, pool, positions, write_rows, read_rows = case(1, 4, 2, 64, mx.float32)
-    with pytest.raises(ValueError, match="attention-warp-keys trial takes at most 16"):
-        fused_decode.fused_decode_attention(qkv, pool, positions, write_rows, read_rows, 4, 2,
-                                            0.125, inverse_frequencies(64), False, warps=32)
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA build")
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(16, 8, 128), (8, 8, 64)])
-@pytest.mark.parametrize("trials", ["attention-tables", "attention-tables,attention-warp-keys"])
-def test_pool_rows_from_the_block_tables_give_the_reference(dtype, heads, kv_heads, head_dim,
-                                                             trials, monkeypatch):
-    """The attention-tables trial: the kernel finds each position's pool row, and the
-    rows it writes, from the block tables (rows and write rows unused)."""
-    monkeypatch.setenv("VLLM_METAL_TRIALS", trials)
-    qkv, pool, positions, write_rows, read_rows, tables = case(3, heads, kv_heads, head_dim,
-                                                               dtype, longest=300,
-                                                               with_tables=True)
-    inv_freq = inverse_frequencies(head_dim)
-    scale = head_dim ** -0.5
-    want, want_keys, want_values = fused_decode.reference(qkv, pool, positions, read_rows, heads,
-                                                          kv_heads, scale, inv_freq, False)
-    mx.eval(want, want_keys, want_values)
-    unused = mx.full(read_rows.shape, -1, mx.int32)  # would read out of the pool
-    got = fused_decode.fused_decode_attention(qkv, pool, positions, unused[:, :, :1], unused,
-                                              heads, kv_heads, scale, inv_freq, False,
-                                              warps=fused_decode.warps_for(3, heads),
-                                              tables=(tables, 16))
-    mx.eval(got)
-    tolerance = 1e-4 if dtype == mx.float32 else 3e-2
-    close = lambda a, b: mx.allclose(a.astype(mx.float32), b.astype(mx.float32),  # noqa: E731
-                                     atol=tolerance, rtol=tolerance).item()
-    assert close(got, want)
-    keys, values = mx.split(pool[write_rows], 2)
-    assert close(keys, want_keys) and close(values, want_values)
-
-
-def test_pool_rows_from_the_block_tables_are_written_by_the_kernel():
-    qkv, pool, positions, write_rows, read_rows, tables = case(1, 4, 2, 64, mx.float32,
-                                                               with_tables=True)
-    with pytest.raises(ValueError, match="the kernel writes them"):
-        fused_decode.fused_decode_attention(qkv, pool, positions, write_rows, read_rows, 4, 2,
-                                            0.125, inverse_frequencies(64), False, write=False,
-                                            tables=(tables, 16))

@@ -37,7 +37,6 @@ def test_use_mlx_0_hands_back_to_vllm():
     ("VLLM_MLX_DEVICE", "tpu"),
     ("VLLM_METAL_USE_MLX", "maybe"),
     ("VLLM_METAL_DEBUG", "2"),
-    ("VLLM_METAL_TRIALS", "gemv-prefetch,faster"),
 ])
 def test_bad_setting_names_the_variable(monkeypatch, name, bad):
     monkeypatch.setenv(name, bad)
@@ -53,14 +52,6 @@ def test_settings_defaults(monkeypatch):
     assert envs.VLLM_METAL_USE_MLX is True
     assert envs.VLLM_MLX_DEVICE == "gpu"
     assert envs.VLLM_METAL_DEBUG is False
-
-
-def test_kernel_trials_are_off_unless_named(monkeypatch):
-    monkeypatch.delenv("VLLM_METAL_TRIALS", raising=False)
-    assert not any(envs.trial(name) for name in envs.TRIALS)
-    monkeypatch.setenv("VLLM_METAL_TRIALS", " gemv-prefetch, swiglu-epilogue ")
-    assert [name for name in envs.TRIALS if envs.trial(name)] == ["gemv-prefetch",
-                                                                       "swiglu-epilogue"]
 
 
 def test_every_setting_is_in_the_documented_table():
@@ -140,18 +131,3 @@ def test_configs_it_would_get_wrong_are_refused(tiny_model, tmp_path, arch, fiel
     (model_dir / "config.json").write_text(json.dumps({**config, **fields}))
     with pytest.raises(Exception, match=words):
         start_llm(str(model_dir))
-
-
-@pytest.mark.parametrize("trials, options, fix", [
-    ("gemv-prefetch", {}, "needs the matrix-vector kernel"),
-    ("decode-inputs-kept", {"enforce_eager": True}, "needs compiled decode steps"),
-])
-def test_a_trial_that_cannot_run_here_stops_startup(tiny_model, monkeypatch, trials, options, fix):
-    """Off MLX's CUDA build the kernels' trials cannot run; a compiled-step trial cannot
-    with --enforce-eager. Named anyway, startup stops and says which and why."""
-    if on_cuda() and trials == "gemv-prefetch":
-        pytest.skip("the kernel runs here")
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's error, as raised
-    monkeypatch.setenv("VLLM_METAL_TRIALS", trials)
-    with pytest.raises(Exception, match=f"VLLM_METAL_TRIALS names {trials}, which {fix}"):
-        start_llm(tiny_model("qwen3"), **options)

@@ -21,7 +21,6 @@
 | VLLM_METAL_GEMV_TENSOR_CORES | auto | auto, 1 or 0: linear layers called with 9 to 32 rows (bf16, fp16) of a weight under 16 MiB as one custom tensor-core kernel with the norm, bias and residual folded in, where MLX's norm, matmul and add would run: its device time is behind the matmul's (`benchmarks/linear_kernels.py`), but a small model's step is set by the host's issue, which it cuts (Qwen3-0.6B at batch 32 on an H200: 3.5 against 6.3 ms); auto: on MLX's CUDA build on a GPU of compute capability 8.0 or later (1 on an older one is refused), where `VLLM_METAL_GEMV_KERNEL` is on; 0 keeps MLX's norm, matmul and add |
 | VLLM_METAL_ATTENTION_WARPS | auto | auto or 1-32: warps a thread block of the fused decode step's attention kernel (`VLLM_METAL_FUSED_DECODE_BLOCK`) has, each taking 32 positions at a time; auto: 32 where a step has at most 64 blocks (batch x query heads), 16 above (`fused_decode.warps_for`) |
 | VLLM_METAL_GEMV_SPLIT_UNROLL | auto | auto, SPLIT-UNROLL or SPLIT-UNROLL-ROWS (SPLIT 1, 2 or 4; UNROLL 1 to 8; ROWS 1, 2, 4 or 8), e.g. 4-2: the matrix-vector kernel's warps sharing a group of weight rows (each reading a share of the width), the loads of each row a lane keeps in flight and the weight rows in a group; auto: 4-4 for calls of 1 or 2 rows, 1-2 above, and as many weight rows as activation rows up to 4 (`gemv.vector_choice`, `gemv.rows_per_warp`) |
-| VLLM_METAL_TRIALS | none | none, or a comma-separated list of changes written for MLX's CUDA build but not yet measured on a GPU (exact either way; one named where its part of the engine does not run stops startup): gemv-prefetch (the matrix-vector kernel loads its activations with its weights, before using either), gemv-stream (it reads weights with a streaming cache hint), swiglu-epilogue (the fused gate/up product writes silu(gate) * up: no SwiGLU kernel), attention-warp-keys (the fused decode attention takes a key per warp, the keys' rows read before the projection's output is), attention-tables (the fused decode attention finds each position's pool row from the step's block tables: no pool rows built per step), decode-inputs-kept (a decode step of the same requests one position on, reading the same blocks, takes the last step's offsets and block tables on the device: no array from the host); each becomes the default or goes once `benchmarks.step_loop --variants` has timed it |
 | VLLM_METAL_BATCH_PROMPTS | 1 | 1 runs prompt chunks of like length scheduled in one step as one padded forward (padding at most a quarter of the group's tokens and attention scores; `forward_groups.py`): the host issues one forward's primitives for many prompts; 0 runs each chunk alone |
 | VLLM_METAL_RUNNER_THREAD | 1 | 1 runs a one-process engine's MLX work (model load, each step's forward and sampling) on a thread of its own, so that vLLM's scheduling and output handling overlap MLX's launch of the forward; 0 runs it on the engine's thread |
 | VLLM_METAL_PEER_TIMEOUT | 3 | seconds a rank of a TP/PP engine waits for a silent peer's heartbeat (a stopped or hung process, a link down) before it stops the engine |
@@ -158,39 +157,6 @@ def _split_unroll(name: str) -> Callable[[str], tuple[int, int, int | None] | No
     return parse
 
 
-# Changes written for MLX's CUDA build but not yet measured on a GPU, each on only where
-# named in VLLM_METAL_TRIALS; a trial becomes the default or goes once
-# ``benchmarks.step_loop --variants`` has timed it beside the default.
-TRIALS = {
-    "gemv-prefetch": "the matrix-vector kernel loads its activations with its weights, "
-                     "before using either",
-    "gemv-stream": "the matrix-vector kernel reads weights with a streaming cache hint",
-    "swiglu-epilogue": "the gate/up product writes silu(gate) * up: no SwiGLU kernel",
-    "attention-warp-keys": "the fused decode attention takes a key per warp, the keys' "
-                           "rows read before the projection's output is",
-    "attention-tables": "the fused decode attention finds each position's pool row from "
-                        "the step's block tables: no pool rows built per step",
-    "decode-inputs-kept": "a decode step of the same requests one position on, reading the "
-                          "same blocks, takes the last step's offsets and block tables on "
-                          "the device (offsets + 1): no array from the host",
-}
-
-
-def _trials(name: str) -> Callable[[str], frozenset]:
-    def parse(raw: str) -> frozenset:
-        value = raw.strip().lower()
-        if value in ("", "none"):
-            return frozenset()
-        names = [part.strip() for part in value.split(",") if part.strip()]
-        unknown = [n for n in names if n not in TRIALS]
-        if unknown:
-            raise SettingError(f"{name}={raw!r}: {', '.join(unknown)} unknown; use none or a "
-                               f"comma-separated list of {', '.join(TRIALS)}")
-        return frozenset(names)
-
-    return parse
-
-
 def _text(name: str) -> Callable[[str], str]:
     return lambda raw: raw.strip()
 
@@ -250,8 +216,6 @@ _SETTINGS = [
     Setting("VLLM_METAL_GEMV_SPLIT_UNROLL", "auto",
             _split_unroll("VLLM_METAL_GEMV_SPLIT_UNROLL"),
             "matrix-vector kernel: warps splitting a row's width, loads in flight (CUDA)"),
-    Setting("VLLM_METAL_TRIALS", "none", _trials("VLLM_METAL_TRIALS"),
-            "changes under trial (CUDA)"),
     Setting("VLLM_METAL_BATCH_PROMPTS", "1", _flag("VLLM_METAL_BATCH_PROMPTS"),
             "prompt chunks of like length in one padded forward", ranks_agree=True),
     Setting("VLLM_METAL_RUNNER_THREAD", "1", _flag("VLLM_METAL_RUNNER_THREAD"),
@@ -278,12 +242,6 @@ def validate_all() -> None:
     """Parse every setting now, so a typo stops startup instead of a later step."""
     for name in SETTINGS:
         get(name)
-
-
-def trial(name: str) -> bool:
-    """Whether the trial ``name`` (``TRIALS``) is on."""
-    assert name in TRIALS, name
-    return name in get("VLLM_METAL_TRIALS")
 
 
 def __getattr__(name: str):

@@ -41,7 +41,7 @@ from vllm_metal.drafts import NgramDrafts
 from vllm_metal.forward_groups import ForwardGroup, plan_groups
 from vllm_metal.kv_layout import KVLayout
 from vllm_metal.models.adapter import CausalLM
-from vllm_metal.model_setup import load_rank_model, refuse_trials_that_cannot_run
+from vllm_metal.model_setup import load_rank_model
 from vllm_metal.persistent_batch import PersistentBatch
 from vllm_metal.prompt_logprobs import PromptLogprobs
 from vllm_metal.sampling import (decode_sampled, encode_sampled, first_position_masks,
@@ -145,7 +145,6 @@ class MetalModelRunner:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.layer_windows,
                                               self.grouped_mask, self.paged_kernel,
                                               fused_blocks=self.fused_blocks > 0)
-        refuse_trials_that_cannot_run(self.decode_graphs, self.fused_blocks)
         self.input_batch = InputBatch(
             max_num_reqs=self.max_num_reqs,
             max_model_len=self.max_model_len,

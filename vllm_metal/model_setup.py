@@ -1,6 +1,6 @@
 """The model as one rank runs it: loaded, cut to the rank's share (its pipeline
 stage, its tensor shard), projections fused, each layer routed to the kernels
-that cover it; and the trials of VLLM_METAL_TRIALS checked against what runs."""
+that cover it."""
 
 import logging
 from dataclasses import dataclass
@@ -118,27 +118,3 @@ def _route_decode_blocks(model: CausalLM, alone: bool) -> int:
             "(Llama, Mistral, Qwen2 or Qwen3 layers, unquantized, projections fused, one rank, "
             "no LoRA): unset VLLM_METAL_FUSED_DECODE_BLOCK")
     return fused
-
-
-def refuse_trials_that_cannot_run(decode_graphs, fused_blocks: int) -> None:
-    """Each trial of VLLM_METAL_TRIALS runs in one part of the engine; named where
-    that part does not run, startup stops rather than ignore it."""
-    compiled = "needs compiled decode steps (one rank, no LoRA, no --enforce-eager)"
-    fused = ("needs the fused decode step (VLLM_METAL_FUSED_DECODE_BLOCK: MLX's CUDA build, "
-             "Llama, Mistral, Qwen2 or Qwen3 layers, unquantized, one rank, no LoRA)")
-    fused_runs = decode_graphs is not None and fused_blocks > 0
-    why_not = {
-        "gemv-prefetch": None if gemv.available() else "needs the matrix-vector kernel "
-                         "(VLLM_METAL_GEMV_KERNEL on MLX's CUDA build)",
-        "decode-inputs-kept": None if decode_graphs is not None else compiled,
-        "swiglu-epilogue": None if fused_runs else fused,
-        "attention-warp-keys": None if fused_runs else fused,
-        "attention-tables": (None if fused_runs and decode_graphs.writes_in_place else
-                             fused + " writing the KV cache in place "
-                             "(VLLM_METAL_KV_WRITE_IN_PLACE)"),
-    }
-    why_not["gemv-stream"] = why_not["gemv-prefetch"]
-    for name in envs.TRIALS:
-        if envs.trial(name) and why_not[name]:
-            raise RuntimeError(f"VLLM_METAL_TRIALS names {name}, which {why_not[name]}: "
-                               f"leave it out of VLLM_METAL_TRIALS here")

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from vllm_metal import envs
 from vllm_metal.attention import decode_kernel
 from vllm_metal.attention.paged import (NULL_BLOCK, PagedKVCache, allowed_keys, pool_rows,
                                        position_rows, window_of)
@@ -85,7 +84,6 @@ class DecodeGraphs:
         # buckets close to the context. A kernel reads to each position: few buckets.
         self.blocks_bucket = bucket if use_kernel else fine_bucket
         self._step = mx.compile(self._forward)
-        self._kept: KeptInputs | None = None  # the last step's inputs, on the device
         self.traces: list[tuple[int, int]] = []  # (rows, blocks read) of each trace
 
     def logits(self, tokens: mx.array, block_tables: np.ndarray, positions: np.ndarray) -> mx.array:
@@ -133,29 +131,18 @@ class DecodeGraphs:
     def _inputs(self, block_tables: np.ndarray, positions: np.ndarray, rows: int) -> DecodeInputs:
         bs = self.kv.block_size
         batch = len(positions)
-        pos = np.zeros(rows, np.int32)
+        pos = np.zeros(rows, np.int64)
         pos[:batch] = positions
         used = self.blocks_bucket(int(pos.max()) // bs + 1)
-        tables = np.full((rows, used), NULL_BLOCK, np.int32)
+        tables = np.full((rows, used), NULL_BLOCK, np.int64)
         width = min(used, block_tables.shape[1])
         tables[:batch, :width] = block_tables[:, :width]
         tables[np.arange(used)[None, :] * bs > pos[:, None]] = NULL_BLOCK
-        kept = self._kept
-        if (kept is not None and envs.trial("decode-inputs-kept")
-                and kept.follows(tables, pos, batch)):
-            # The same requests one position on, no new block: the last step's inputs
-            # advanced on the device. An array from the host costs its first reader on
-            # MLX's CUDA build while its pages move (``benchmarks.host_inputs``).
-            inputs = DecodeInputs(offsets=kept.inputs.offsets + kept.advance,
-                                  tables=kept.inputs.tables)
-        else:
-            sent = mx.array(tables)
-            if used < self.min_read_blocks:  # the bucket's null blocks written on the device
-                sent = mx.pad(sent, [(0, 0), (0, self.min_read_blocks - used)],
-                              constant_values=NULL_BLOCK)
-            inputs = DecodeInputs(offsets=mx.array(pos), tables=sent)
-        self._kept = KeptInputs.after(kept, inputs, tables, pos, batch)
-        return inputs
+        sent = mx.array(tables.astype(np.int32))
+        if used < self.min_read_blocks:  # the bucket's null blocks written on the device
+            sent = mx.pad(sent, [(0, 0), (0, self.min_read_blocks - used)],
+                          constant_values=NULL_BLOCK)
+        return DecodeInputs(offsets=mx.array(pos.astype(np.int32)), tables=sent)
 
     def _plan(self, offsets: mx.array, tables: mx.array) -> "StepPlan":
         """The step's pool rows and masks, from what the host sent."""
@@ -166,7 +153,7 @@ class DecodeGraphs:
         read_rows = position_rows(pool_rows(tables, kv.num_kv_heads, bs, kv.entries), bs)
         masks = self._masks(offsets, tables.shape[-1] * bs)
         return StepPlan(offsets, write_rows, read_rows, dict(zip(self.windows, masks)),
-                        self.use_kernel, self.writes_in_place, tables, bs)
+                        self.use_kernel, self.writes_in_place)
 
     def _masks(self, offsets: mx.array, num_keys: int) -> list[mx.array]:
         """One per window, the keys each row may see. Unused where a kernel attends:
@@ -186,36 +173,6 @@ class DecodeGraphs:
 
 
 @dataclass
-class KeptInputs:
-    """The last decode step's inputs on the device, with what the host built them
-    from, and the rows' advance by one position ([rows] int32: 1 for a request's
-    row, 0 for padding), made on the device once per (rows, requests)."""
-
-    inputs: DecodeInputs
-    tables: np.ndarray
-    positions: np.ndarray
-    batch: int
-    advance: mx.array
-
-    def follows(self, tables: np.ndarray, positions: np.ndarray, batch: int) -> bool:
-        """Whether a step of these addresses is this one's requests one position on,
-        reading the same blocks."""
-        return (batch == self.batch and tables.shape == self.tables.shape
-                and np.array_equal(positions[:batch], self.positions[:batch] + 1)
-                and np.array_equal(tables, self.tables))
-
-    @classmethod
-    def after(cls, last: "KeptInputs | None", inputs: DecodeInputs, tables: np.ndarray,
-              positions: np.ndarray, batch: int) -> "KeptInputs":
-        rows = len(positions)
-        if last is not None and (len(last.positions), last.batch) == (rows, batch):
-            advance = last.advance
-        else:
-            advance = (mx.arange(rows, dtype=mx.int32) < batch).astype(mx.int32)
-        return cls(inputs, tables, positions, batch, advance)
-
-
-@dataclass
 class StepPlan:
     """``BatchPlan``'s part that ``LayerCache`` reads, inside the traced decode step."""
 
@@ -225,9 +182,6 @@ class StepPlan:
     masks: dict
     use_kernel: bool = False
     write_in_place: bool = False
-    # The blocks read [Bp, Np] and their size: a kernel may find pool rows from them.
-    tables: mx.array | None = None
-    block_size: int = 0
 
     def window_of(self, mask) -> tuple[bool, int | None]:
         return window_of(mask, self.masks)

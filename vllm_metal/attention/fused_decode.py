@@ -44,27 +44,6 @@ _SOURCE = """
     const int pos = offsets[b];
     const long token = (long)b * (HQ + 2 * HKV) * D;
 
-    const int* key_rows = read_rows + ((long)b * HKV + kvh) * S;
-    const int* value_rows = read_rows + ((long)(B + b) * HKV + kvh) * S;
-    // TABLES: pool rows from the blocks read (``paged.pool_rows``): position j's key at
-    // row (block * 2 HKV + kvh) * BS + j % BS, its value HKV * BS rows on.
-    const int* table = tables + (long)b * tables_shape[1];
-    auto key_row_at = [&](int j) -> int {
-        return TABLES ? (table[j / BS] * 2 * HKV + kvh) * BS + j % BS : key_rows[j];
-    };
-    auto value_row_at = [&](int j) -> int {
-        return TABLES ? key_row_at(j) + HKV * BS : value_rows[j];
-    };
-    // WARP_KEYS: the warp's positions warp, warp + WARPS, ... 32 a pass, lane t holding
-    // the pool rows of the pass's t-th. The first pass's rows are read now, with the
-    // projection's output, and their keys and values fetched into L2 meanwhile.
-    const int end = pos;  // earlier positions, in the pool
-    int key_row_l = 0, value_row_l = 0;
-    if (WARP_KEYS && warp + lane * WARPS < end) {
-        key_row_l = key_row_at(warp + lane * WARPS);
-        value_row_l = value_row_at(warp + lane * WARPS);
-    }
-
     __shared__ float q_all[D];
     __shared__ float k_new[D];
     __shared__ float v_new[D];
@@ -73,14 +52,6 @@ _SOURCE = """
         q_all[i] = static_cast<float>(qkv[token + (long)h * D + i]);
         k_new[i] = static_cast<float>(qkv[token + (long)(HQ + kvh) * D + i]);
         v_new[i] = static_cast<float>(qkv[token + (long)(HQ + HKV + kvh) * D + i]);
-    }
-    if (WARP_KEYS && warp + lane * WARPS < end) {
-        for (int at = 0; at < D * (int)sizeof(P); at += 128) {
-            asm volatile("prefetch.global.L2 [%0];" ::
-                         "l"(reinterpret_cast<const char*>(pool + (long)key_row_l * D) + at));
-            asm volatile("prefetch.global.L2 [%0];" ::
-                         "l"(reinterpret_cast<const char*>(pool + (long)value_row_l * D) + at));
-        }
     }
     __syncthreads();
     if (QK_NORM) {
@@ -120,11 +91,8 @@ _SOURCE = """
         const P value = static_cast<P>(v_new[i]);
         if (WRITE && h % GROUP == 0) {
             P* target = const_cast<P*>(pool);
-            const long key_row = TABLES ? key_row_at(pos) : write_rows[(long)b * HKV + kvh];
-            const long value_row = TABLES ? value_row_at(pos)
-                                          : write_rows[(long)(B + b) * HKV + kvh];
-            target[key_row * D + i] = key;
-            target[value_row * D + i] = value;
+            target[(long)write_rows[(long)b * HKV + kvh] * D + i] = key;
+            target[(long)write_rows[(long)(B + b) * HKV + kvh] * D + i] = value;
         }
         if (!WRITE && h % GROUP == 0) {
             new_keys[((long)b * HKV + kvh) * D + i] = key;
@@ -139,6 +107,8 @@ _SOURCE = """
     for (int i = lane; i < D; i += 32) own += q_all[i] * k_new[i];
     for (int o = 16; o > 0; o >>= 1) own += __shfl_xor_sync(0xffffffff, own, o);
 
+    const int* key_rows = read_rows + ((long)b * HKV + kvh) * S;
+    const int* value_rows = read_rows + ((long)(B + b) * HKV + kvh) * S;
     // Warp 0 starts from this position (score and value from shared memory); the
     // warps then take the earlier positions from the pool, so their value loop has
     // no branch and keeps several rows' loads in flight.
@@ -146,57 +116,15 @@ _SOURCE = """
     float l = warp == 0 ? 1.f : 0.f;
     float acc[PER];
     for (int i = 0; i < PER; ++i) acc[i] = warp == 0 ? v_new[lane * PER + i] : 0.f;
-    if (WARP_KEYS) {
-        // A key per warp, each lane its PER dimensions: the scores of a few positions
-        // are summed over the warp, their keys' and values' loads in flight together.
-        struct alignas(PER * sizeof(P)) Slice { P v[PER]; };
-        // Positions in flight: 32 bytes of keys and of values a lane (at most 16 warps
-        // a block here: a thread may then hold up to 128 registers).
-        constexpr int IN_FLIGHT = PER * sizeof(P) >= 32 ? 1 : 32 / (PER * sizeof(P));
-        float qv[PER];
-        for (int i = 0; i < PER; ++i) qv[i] = q_all[lane * PER + i];
-        for (int pass = warp; pass < end; pass += 32 * WARPS) {
-            if (pass != warp && pass + lane * WARPS < end) {
-                key_row_l = key_row_at(pass + lane * WARPS);
-                value_row_l = value_row_at(pass + lane * WARPS);
-            }
-            const int count = min(32, (end - pass + WARPS - 1) / WARPS);
-            for (int t0 = 0; t0 < count; t0 += IN_FLIGHT) {
-                Slice ks[IN_FLIGHT], vs[IN_FLIGHT];
-                #pragma unroll
-                for (int g = 0; g < IN_FLIGHT; ++g) {
-                    const long kr = __shfl_sync(0xffffffff, key_row_l, (t0 + g) % 32);
-                    const long vr = __shfl_sync(0xffffffff, value_row_l, (t0 + g) % 32);
-                    if (t0 + g < count) {
-                        ks[g] = *reinterpret_cast<const Slice*>(pool + kr * D + lane * PER);
-                        vs[g] = *reinterpret_cast<const Slice*>(pool + vr * D + lane * PER);
-                    }
-                }
-                #pragma unroll
-                for (int g = 0; g < IN_FLIGHT; ++g) {
-                    if (t0 + g >= count) break;
-                    float s = 0.f;
-                    for (int i = 0; i < PER; ++i) s += qv[i] * static_cast<float>(ks[g].v[i]);
-                    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-                    const float m_new = fmaxf(m, s);
-                    const float keep = expf(m - m_new);
-                    const float p = expf(s - m_new);
-                    l = l * keep + p;
-                    for (int i = 0; i < PER; ++i)
-                        acc[i] = acc[i] * keep + p * static_cast<float>(vs[g].v[i]);
-                    m = m_new;
-                }
-            }
-        }
-    }
-    for (int base = warp * 32; !WARP_KEYS && base < end; base += WARPS * 32) {
+    const int end = pos;
+    for (int base = warp * 32; base < end; base += WARPS * 32) {
         const int j = base + lane;
         const bool valid = j < end;
         float s = neg_inf;
         int value_row = 0;
         if (valid) {
-            const long key_row = key_row_at(j);
-            value_row = value_row_at(j);
+            const long key_row = key_rows[j];
+            value_row = value_rows[j];
 """ + SCORE_KEY + """
         }
 """ + CHUNK_SOFTMAX + ADD_VALUES + """
@@ -212,7 +140,7 @@ def _kernel():
     return mx.fast.cuda_kernel(
         name="vllm_metal_fused_decode_attention",
         input_names=["qkv", "q_norm", "k_norm", "eps", "inv_freq", "offsets", "pool",
-                     "write_rows", "read_rows", "tables", "scale_arr"],
+                     "write_rows", "read_rows", "scale_arr"],
         output_names=["out", "new_keys", "new_values"],
         source=_SOURCE,
         ensure_row_contiguous=True,  # all packed already; the pool must never be a copy
@@ -223,67 +151,44 @@ def _kernel():
 # benchmarks/attention_kernels: Llama-3-8B's heads at batch 1, 8 and 12 and contexts of
 # 128 and 1024, each of 16 and 32 warps 1.5-5x faster than 4; 32 ahead at batch 1).
 MANY_WARPS_BLOCKS = 64
-# The attention-warp-keys trial's threads hold up to 79 registers (fp32, head size 256); a
-# block of 32 warps allows 64.
-WARP_KEYS_MAX_WARPS = 16
 
 
 def warps_for(batch: int, heads: int) -> int:
     """A block's warps for a decode step of ``batch`` requests of ``heads`` query
     heads (a block each): ``VLLM_METAL_ATTENTION_WARPS`` where given; else 32 where
     the blocks are too few to fill the GPU with 16, 16 otherwise."""
-    most = WARP_KEYS_MAX_WARPS if envs.trial("attention-warp-keys") else 32
-    return envs.VLLM_METAL_ATTENTION_WARPS or (most if batch * heads <= MANY_WARPS_BLOCKS else 16)
+    return envs.VLLM_METAL_ATTENTION_WARPS or (32 if batch * heads <= MANY_WARPS_BLOCKS else 16)
 
 
 def fused_decode_attention(qkv, pool, offsets, write_rows, read_rows, heads: int, kv_heads: int,
                            scale: float, inv_freq: mx.array, traditional: bool, q_norm=None,
                            k_norm=None, eps: float = 0.0, write: bool = True,
-                           warps: int = WARPS, tables: tuple[mx.array, int] | None = None):
+                           warps: int = WARPS):
     """``qkv`` [B, 1, (heads + 2 kv_heads) D]; ``pool`` [rows, D]; ``offsets`` [B] int32,
     each request's position; ``write_rows`` [2B, kv_heads, 1] and ``read_rows`` [2B,
     kv_heads, S] int32 pool rows (keys', then values'); ``inv_freq`` [D / 2] float32.
     Returns the attention [B, 1, heads D] and, where ``write`` is False (the caller
     writes them), this position's keys and values [B, kv_heads, 1, D]. ``warps``: a
     block's warps, each taking 32 positions at a time (``benchmarks/attention_kernels``
-    compares them). ``tables`` (the attention-tables trial): the blocks each request
-    reads [B, N] int32 and their size, from which the kernel finds the pool rows
-    (``write_rows`` and ``read_rows`` unused, never computed); ``write`` only."""
+    compares them)."""
     if not 1 <= warps <= 32:
         raise ValueError(f"{warps} warps a block: CUDA blocks hold 1 to 32")
-    warp_keys = envs.trial("attention-warp-keys")
-    if warp_keys and warps > WARP_KEYS_MAX_WARPS:
-        raise ValueError(f"{warps} warps a block: the attention-warp-keys trial takes at most "
-                         f"{WARP_KEYS_MAX_WARPS} (its threads hold more registers)")
-    if tables is not None and not write:
-        raise ValueError("pool rows from the block tables: the kernel writes them (write=True)")
     batch = qkv.shape[0]
     head_dim = pool.shape[-1]
     threads = 32 * warps
-    by_tables = tables is not None
-    if by_tables:
-        (tables, block_size), write_rows, read_rows = tables, _no_rows(3), _no_rows(3)
-    else:
-        tables, block_size = _no_rows(2), 1
     out, keys, values = _kernel()(
         inputs=[qkv, q_norm if q_norm is not None else constant(0.0, pool.dtype),
                 k_norm if k_norm is not None else constant(0.0, pool.dtype), constant(eps),
-                inv_freq, offsets, pool, write_rows, read_rows, tables, constant(scale)],
+                inv_freq, offsets, pool, write_rows, read_rows, constant(scale)],
         template=[("P", pool.dtype), ("D", head_dim), ("HQ", heads), ("HKV", kv_heads),
                   ("QK_NORM", q_norm is not None), ("TRADITIONAL", traditional),
-                  ("WRITE", write), ("WARPS", warps), ("WARP_KEYS", warp_keys),
-                  ("TABLES", by_tables), ("BS", block_size)],
+                  ("WRITE", write), ("WARPS", warps)],
         grid=(batch * heads * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(batch, 1, heads * head_dim)] + [(batch, kv_heads, 1, head_dim)] * 2,
         output_dtypes=[pool.dtype] * 3,
     )
     return out if write else (out, keys, values)
-
-
-@functools.cache
-def _no_rows(ndim: int) -> mx.array:
-    return mx.zeros((1,) * ndim, mx.int32)  # an input the kernel's choices leave unread
 
 
 def rotate(x: mx.array, positions: mx.array, inv_freq: mx.array, traditional: bool) -> mx.array:

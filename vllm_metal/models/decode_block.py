@@ -12,8 +12,7 @@ compiled decode step runs:
    embedding, the KV write, attention over the paged context);
 3. the output projection plus the residual (``gemv``, with its residual);
 4. the post-attention norm and the fused gate/up projection;
-5. the SwiGLU activation (``swiglu``; folded into 4 under the ``swiglu-epilogue``
-   trial of ``VLLM_METAL_TRIALS``);
+5. the SwiGLU activation (``swiglu``);
 6. the down projection plus the residual.
 
 Rows ``gemv.covers`` leaves out (above ``gemv.MAX_ROWS``, or above
@@ -63,9 +62,6 @@ def _swiglu_kernel():
                                output_names=["out"], source=_SWIGLU_SOURCE)
 
 
-reference_swiglu = gemv.reference_swiglu  # the SwiGLU kernel's specification
-
-
 def swiglu(gu: mx.array) -> mx.array:
     """``gu`` [..., 2I] (gate, then up) -> silu(gate) * up [..., I], one kernel."""
     width = gu.shape[-1] // 2
@@ -75,6 +71,11 @@ def swiglu(gu: mx.array) -> mx.array:
         inputs=[gu], template=[("T", gu.dtype)], grid=(-(-total // threads) * threads, 1, 1),
         threadgroup=(threads, 1, 1), output_shapes=[(*gu.shape[:-1], width)],
         output_dtypes=[gu.dtype])[0]
+
+
+def reference_swiglu(gu: mx.array) -> mx.array:
+    gate, up = mx.split(gu, 2, axis=-1)
+    return nn.silu(gate) * up
 
 
 def rotary_frequencies(rope, head_dim: int) -> tuple[mx.array, bool] | None:
@@ -148,23 +149,20 @@ class FusedDecodeStep:
         qkv = _linear(x, attention.qkv_fused.layer, (norm.weight, norm.eps))
         q_norm = attention.get("q_norm")
         in_place = plan.write_in_place
-        # Under the attention-tables trial the kernel finds pool rows from the blocks read.
-        by_tables = envs.trial("attention-tables") and in_place
         result = fused_decode.fused_decode_attention(
             qkv, cache.pools[cache.layer], plan.offsets, plan.write_rows, plan.read_rows,
             attention.n_heads, attention.n_kv_heads, attention.scale, self._inv_freq,
             self._traditional, None if q_norm is None else q_norm.weight,
             None if q_norm is None else attention.k_norm.weight,
             0.0 if q_norm is None else q_norm.eps, write=in_place,
-            warps=fused_decode.warps_for(x.shape[0], attention.n_heads),
-            tables=(plan.tables, plan.block_size) if by_tables else None)
+            warps=fused_decode.warps_for(x.shape[0], attention.n_heads))
         if not in_place:
             result, keys, values = result
             cache._write(keys, values)
         h = _linear(result, attention.o_proj, residual=x)
         norm = self.post_attention_layernorm
-        activated = _gate_up(h, mlp.gate_up_fused.layer, (norm.weight, norm.eps))
-        return _linear(activated, mlp.down_proj, residual=h)
+        gu = _linear(h, mlp.gate_up_fused.layer, (norm.weight, norm.eps))
+        return _linear(swiglu(gu), mlp.down_proj, residual=h)
 
     def _fused_step_covers(self, x, mask, cache) -> bool:
         from vllm_metal.attention.decode_graph import StepPlan
@@ -183,14 +181,6 @@ def _linear(x, layer, norm=None, residual=None):
     if gemv.available() and gemv.covers(x, layer.weight):
         return gemv.small_batch_linear(x, layer.weight, bias, norm, residual)
     return gemv.reference_linear(x, layer.weight, bias, norm, residual)
-
-
-def _gate_up(x, layer, norm):
-    """silu(gate) * up of the fused gate/up projection: in the product's own kernel
-    under the swiglu-epilogue trial, else the product then the SwiGLU kernel."""
-    if envs.trial("swiglu-epilogue") and gemv.available() and gemv.covers_swiglu(x, layer.weight):
-        return gemv.small_batch_linear(x, layer.weight, layer.get("bias"), norm, swiglu=True)
-    return swiglu(_linear(x, layer, norm))
 
 
 @functools.cache

@@ -63,12 +63,8 @@ _SOURCE = """
     const int lane = threadIdx.x % 32;
     const int warp = threadIdx.x / 32;
     const int part = warp % SPLIT;  // which of the group's SPLIT warps: a share of the width
-    // SWIGLU: the weight is gate rows, then as many up rows; a group's R rows are R / 2
-    // (gate, up) pairs, and it writes silu(gate) * up, OUT outputs a row.
-    const int OUT = SWIGLU ? N / 2 : N;
-    constexpr int PER_GROUP = SWIGLU ? R / 2 : R;  // outputs a group writes
-    const int first = (blockIdx.x * GROUPS + warp / SPLIT) * PER_GROUP;
-    const bool active = first < OUT;  // no early return: a split group meets at a barrier
+    const int first = (blockIdx.x * GROUPS + warp / SPLIT) * R;
+    const bool active = first < N;  // no early return: a split group meets at a barrier
 
     float acc[R][M];
     float squares[M];  // NORM: each row's sum of squares, this lane's share
@@ -81,19 +77,13 @@ _SOURCE = """
         // U loads of each weight row in flight before any is used.
         uint4 wp[U][R];
         uint4 gp[U];
-        uint4 xp[PREFETCH ? U : 1][PREFETCH ? M : 1];  // PREFETCH: the activations too
         for (int u = 0; u < U; ++u) {
             const int k = base + u * STRIDE;
             for (int r = 0; r < R; ++r) {
-                const int wanted = SWIGLU ? first + r / 2 + (r % 2) * OUT : first + r;
-                const int row = min(wanted, N - 1);  // past N: read again, never stored
-                const uint4* at = reinterpret_cast<const uint4*>(w + (long)row * K + k);
-                wp[u][r] = k < K ? (STREAM ? __ldcs(at) : *at) : none;
+                const int row = min(first + r, N - 1);  // past N: read again, never stored
+                wp[u][r] = k < K ? *reinterpret_cast<const uint4*>(w + (long)row * K + k) : none;
             }
             if (NORM) gp[u] = k < K ? *reinterpret_cast<const uint4*>(norm_weight + k) : none;
-            if (PREFETCH)
-                for (int m = 0; m < M; ++m)
-                    xp[u][m] = k < K ? *reinterpret_cast<const uint4*>(x + (long)m * K + k) : none;
         }
         for (int u = 0; u < U; ++u) {
             const int k = base + u * STRIDE;
@@ -109,8 +99,7 @@ _SOURCE = """
                 for (int i = 0; i < VEC; ++i) gf[i] = static_cast<float>(gv[i]);
             }
             for (int m = 0; m < M; ++m) {
-                const uint4 packed = PREFETCH ? xp[PREFETCH ? u : 0][PREFETCH ? m : 0]
-                    : *reinterpret_cast<const uint4*>(x + (long)m * K + k);
+                const uint4 packed = *reinterpret_cast<const uint4*>(x + (long)m * K + k);
                 const T* xv = reinterpret_cast<const T*>(&packed);
                 float xf[VEC];
                 for (int i = 0; i < VEC; ++i) xf[i] = static_cast<float>(xv[i]);
@@ -152,21 +141,11 @@ _SOURCE = """
     for (int m = 0; m < M; ++m) {
         // RMS norm of the row: x * rsqrt(mean(x^2) + eps) * weight, the weight taken above.
         const float scale = NORM ? rsqrtf(squares[m] / K + eps[0]) : 1.f;
-        for (int o = 0; o < PER_GROUP && first + o < OUT; ++o) {
-            float s;
-            if (SWIGLU) {
-                float gate = acc[2 * o][m] * scale, up = acc[2 * o + 1][m] * scale;
-                if (BIAS) {
-                    gate += static_cast<float>(bias[first + o]);
-                    up += static_cast<float>(bias[OUT + first + o]);
-                }
-                s = gate / (1.f + expf(-gate)) * up;
-            } else {
-                s = acc[o][m] * scale;
-                if (BIAS) s += static_cast<float>(bias[first + o]);
-            }
-            if (RESIDUAL) s += static_cast<float>(residual[(long)m * OUT + first + o]);
-            out[(long)m * OUT + first + o] = static_cast<T>(s);
+        for (int r = 0; r < R && first + r < N; ++r) {
+            float s = acc[r][m] * scale;
+            if (BIAS) s += static_cast<float>(bias[first + r]);
+            if (RESIDUAL) s += static_cast<float>(residual[(long)m * N + first + r]);
+            out[(long)m * N + first + r] = static_cast<T>(s);
         }
     }
 """
@@ -389,25 +368,15 @@ def vector_choice(rows: int) -> tuple[int, int]:
     return SPLIT_UNROLL if rows <= SPLIT_MAX_ROWS else (VECTOR_SPLIT, VECTOR_UNROLL)
 
 
-def covers_swiglu(x: mx.array, weight: mx.array) -> bool:
-    """Calls ``small_batch_linear(..., swiglu=True)`` takes: the vector kernel's, of a
-    weight of gate rows then as many up rows."""
-    return (covers(x, weight) and weight.shape[0] % 2 == 0
-            and x.size // weight.shape[1] <= MAX_ROWS)
-
-
 def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
                        norm: tuple[mx.array, float] | None = None,
                        residual: mx.array | None = None,
                        per_warp: int | None = None, kernel: str | None = None,
                        tiles: tuple[int, int, int] | None = None,
-                       split: int | None = None, unroll: int | None = None,
-                       swiglu: bool = False) -> mx.array:
+                       split: int | None = None, unroll: int | None = None) -> mx.array:
     """``x @ weight.T + bias`` for ``x`` [..., K] and ``weight`` [N, K] (``covers``).
-    ``norm``: (weight [K], eps) of an RMS norm applied to ``x`` first; ``swiglu``
-    (``covers_swiglu``): ``weight`` is gate rows then up rows, and the result is
-    silu(gate) * up [..., N / 2]; ``residual`` [..., N or N / 2]: added to the result.
-    ``kernel`` ("vector" or "tensor"), ``per_warp``
+    ``norm``: (weight [K], eps) of an RMS norm applied to ``x`` first; ``residual``
+    [..., N]: added to the result. ``kernel`` ("vector" or "tensor"), ``per_warp``
     (the vector kernel's weight rows a warp), ``split`` and ``unroll`` (its
     ``vector_choice``) and ``tiles`` (``TENSOR_TILES``) stand in for
     the choices made here (``benchmarks/linear_kernels.py`` compares them)."""
@@ -424,8 +393,6 @@ def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = No
               residual if residual is not None else unused]
     options = [("T", weight.dtype), ("BIAS", bias is not None),
                ("NORM", norm is not None), ("RESIDUAL", residual is not None)]
-    if swiglu and (kernel == "tensor" or out_features % 2):
-        raise ValueError("swiglu takes the vector kernel and a weight of gate and up rows")
     if kernel == "tensor":
         groups, unroll, split = tiles or TENSOR_TILES
         threads = 32 * split
@@ -439,19 +406,11 @@ def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = No
         split, unroll = split or chosen_split, unroll or chosen_unroll
         if WARPS % split:
             raise ValueError(f"split {split} does not divide the block's {WARPS} warps")
-        if swiglu and per_warp % 2:
-            per_warp += 1  # whole (gate, up) pairs
         threads = 32 * WARPS
-        outputs_per_group = per_warp // 2 if swiglu else per_warp
-        out_features //= 2 if swiglu else 1
-        blocks = -(-out_features // (WARPS // split * outputs_per_group))
+        blocks = -(-out_features // (WARPS // split * per_warp))
         launch = _kernel()
-        # Activations loaded with the weights: rows x unroll 16-byte loads more a lane
-        # holds, so only where few.
-        prefetch = envs.trial("gemv-prefetch") and rows * unroll <= 8
         options += [("M", rows), ("R", per_warp), ("WARPS", WARPS), ("SPLIT", split),
-                    ("U", unroll), ("SWIGLU", swiglu), ("PREFETCH", prefetch),
-                    ("STREAM", envs.trial("gemv-stream"))]
+                    ("U", unroll)]
     return launch(inputs=inputs, template=options, grid=(blocks * threads, 1, 1),
                   threadgroup=(threads, 1, 1), output_shapes=[(*x.shape[:-1], out_features)],
                   output_dtypes=[x.dtype])[0]
@@ -459,7 +418,7 @@ def small_batch_linear(x: mx.array, weight: mx.array, bias: mx.array | None = No
 
 def reference_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
                      norm: tuple[mx.array, float] | None = None,
-                     residual: mx.array | None = None, swiglu: bool = False) -> mx.array:
+                     residual: mx.array | None = None) -> mx.array:
     """What ``small_batch_linear`` computes, in MLX's own operations (its
     specification in the tests, and the way for calls it does not cover)."""
     if norm is not None:
@@ -467,15 +426,7 @@ def reference_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None
     out = x @ weight.T
     if bias is not None:
         out = out + bias
-    if swiglu:
-        out = reference_swiglu(out)
     return out if residual is None else residual + out
-
-
-def reference_swiglu(gu: mx.array) -> mx.array:
-    """``gu`` [..., 2I] (gate, then up) -> silu(gate) * up [..., I]."""
-    gate, up = mx.split(gu, 2, axis=-1)
-    return nn.silu(gate) * up
 
 
 class SmallBatchLinear(nn.Linear):
