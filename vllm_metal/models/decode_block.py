@@ -15,8 +15,9 @@ compiled decode step runs:
 5. the SwiGLU activation (``swiglu``);
 6. the down projection plus the residual.
 
-Rows ``gemv.covers`` leaves out (above ``gemv.MAX_ROWS``, or above
-``gemv.TENSOR_MAX_ROWS`` on tensor cores) take MLX's norm, matmul and add.
+Products ``gemv.covers`` leaves out (weights of ``gemv.LARGE_WEIGHT`` or more, rows
+above ``gemv.MAX_ROWS``, or above ``gemv.TENSOR_MAX_ROWS`` on tensor cores) take
+MLX's norm, matmul and add.
 ``route_blocks`` swaps a covered layer's class for a subclass (parameters
 unchanged); every other step (prefill chunks, ``--enforce-eager``, padding
 windows) runs mlx-lm's own code. Each kernel's reference in MLX's operations
