@@ -2,6 +2,7 @@
 
 Setup: the model as this rank runs it (``model_setup``), the KV cache vLLM's
 manager sizes (``kv_layout``), compiled decode steps traced before requests come.
+
 One step: the persistent batch (``persistent_batch``) folds in the scheduler's
 decisions; ``plan_groups`` splits the scheduled requests into forward groups
 (all single-token decodes together, prompt chunks of like length padded

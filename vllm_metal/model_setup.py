@@ -95,8 +95,9 @@ def _route_kernels(model: CausalLM) -> bool:
     them; returns whether decode attention reads the paged cache in a kernel."""
     paged_kernel = route_attention(model.model)
     if gemv.route_linears(model.model):
-        logger.info("Linear layers at up to %d rows: one matrix-vector kernel each%s "
-                    "(VLLM_METAL_GEMV_KERNEL=0: MLX's matmul)", gemv.MAX_ROWS,
+        logger.info("Linear layers of weights under %d MiB at up to %d rows: one "
+                    "matrix-vector kernel each%s (VLLM_METAL_GEMV_KERNEL=0: MLX's matmul)",
+                    gemv.LARGE_WEIGHT // 2**20, gemv.MAX_ROWS,
                     f", up to {gemv.TENSOR_MAX_ROWS} in half precision on tensor cores "
                     "(VLLM_METAL_GEMV_TENSOR_CORES=0: off)" if gemv.tensor_cores() else "")
     if paged_kernel:
@@ -110,8 +111,9 @@ def _route_decode_blocks(model: CausalLM, alone: bool) -> int:
     rank, no LoRA); VLLM_METAL_FUSED_DECODE_BLOCK=1 with none covered stops startup."""
     fused = decode_block.route_blocks(model.model) if alone else 0
     if fused:
-        logger.info("Decode steps: %d decoder layers in six kernels each "
-                    "(VLLM_METAL_FUSED_DECODE_BLOCK=0: mlx-lm's layers)", fused)
+        logger.info("Decode steps: %d decoder layers fused, in six kernels each where "
+                    "their weights are under %d MiB (VLLM_METAL_FUSED_DECODE_BLOCK=0: "
+                    "mlx-lm's layers)", fused, gemv.LARGE_WEIGHT // 2**20)
     elif envs.VLLM_METAL_FUSED_DECODE_BLOCK == "1":
         raise RuntimeError(
             "VLLM_METAL_FUSED_DECODE_BLOCK=1, but no decoder layer of this model is covered "

@@ -4,15 +4,16 @@ A decode step multiplies a few rows of activations by every weight matrix. On
 MLX's CUDA build the host's cost of issuing the step limits its speed, and a
 matmul is the dearest primitive to issue: 19 us against 5 us for a custom kernel
 (``benchmarks/issue_cost.py``). At a few rows the product is bound by reading the
-weights, which a plain kernel does as well as a library's: each warp reads a
-few weight rows in 16-byte loads and keeps one sum per weight row and
-activation row.
+weights: each warp reads a few weight rows in 16-byte loads and keeps one sum
+per weight row and activation row. MLX's matmul reads large weights faster
+(``LARGE_WEIGHT``), so those keep it.
 
 ``route_linears`` gives every plain ``nn.Linear`` of a loaded model (fused
 projections and the output head included; an ``nn.Embedding`` for its use as a
 tied output head) a call that takes the kernel
 when it covers the call (``covers``: on MLX's CUDA build, up to ``MAX_ROWS``
-rows, the input in the weight's float type) and MLX's matmul otherwise.
+rows of a weight under ``LARGE_WEIGHT`` bytes, the input in the weight's float
+type) and MLX's matmul otherwise.
 Quantized layers keep MLX's own kernels. The parameter tree does not change,
 so adapters and loaders see the same layers.
 """
