@@ -44,6 +44,17 @@ def test_bad_setting_names_the_variable(monkeypatch, name, bad):
         envs.validate_all()
 
 
+@pytest.mark.parametrize("name", ["VLLM_METAL_TRIALS", "VLLM_METAL_GEMV_KERNELS"])
+def test_a_setting_name_that_does_not_exist_is_refused(monkeypatch, name):
+    """A retired setting (VLLM_METAL_TRIALS) or a misspelt one is not ignored."""
+    monkeypatch.setenv(name, "1")
+    with pytest.raises(envs.SettingError, match=f"{name}: no such setting"):
+        envs.validate_all()
+    monkeypatch.delenv(name)
+    monkeypatch.setenv("VLLM_METAL_VISIBLE_DEVICES", "0")  # vLLM's own, for the platform
+    envs.validate_all()
+
+
 def test_settings_defaults(monkeypatch):
     for name in envs.SETTINGS:
         monkeypatch.delenv(name, raising=False)

@@ -238,8 +238,19 @@ def rank_settings() -> dict[str, str]:
     return {name: str(int(v)) if isinstance(v, bool) else str(v) for name, v in values.items()}
 
 
+# VLLM_METAL_* names that are not this table's: the platform's device_control_env_var,
+# which vLLM's executors set.
+NOT_SETTINGS = frozenset({"VLLM_METAL_VISIBLE_DEVICES"})
+
+
 def validate_all() -> None:
-    """Parse every setting now, so a typo stops startup instead of a later step."""
+    """Parse every setting now, so a typo stops startup instead of a later step; a
+    VLLM_METAL_* name that is no setting (misspelt, or retired) stops it too."""
+    unknown = sorted(name for name in os.environ if name.startswith("VLLM_METAL_")
+                     and name not in SETTINGS and name not in NOT_SETTINGS)
+    if unknown:
+        raise SettingError(f"{', '.join(unknown)}: no such setting of vllm-metal (misspelt, or "
+                           f"retired); unset it. The settings: {', '.join(SETTINGS)}")
     for name in SETTINGS:
         get(name)
 
