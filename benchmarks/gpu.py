@@ -57,7 +57,9 @@ VARIANTS = {"default": {}, "sync": {"async_scheduling": False}, "eager": {"enfor
             # The runner's MLX work on the engine's thread (vLLM's Python and MLX's issue in turn).
             "inline": {"VLLM_METAL_RUNNER_THREAD": "0"},
             # MLX's CUDA graphs of up to 100 kernels (default 20) for the engine only.
-            "graphs100": {"MLX_MAX_OPS_PER_BUFFER": "100", "MLX_CUDA_GRAPH_CACHE_SIZE": "400"}}
+            "graphs100": {"MLX_MAX_OPS_PER_BUFFER": "100", "MLX_CUDA_GRAPH_CACHE_SIZE": "400"},
+            # MLX's kernels launched one by one on the stream, not gathered into CUDA graphs.
+            "no-graphs": {"MLX_USE_CUDA_GRAPHS": "0"}}
 # The fused decode step's attention with this many warps a block (default: by batch size).
 VARIANTS.update({f"attn-warps-{w}": {"VLLM_METAL_ATTENTION_WARPS": str(w)} for w in (4, 8, 16, 32)})
 # The matrix-vector kernel with this SPLIT-UNROLL for every weight (default: by shape).
