@@ -7,7 +7,12 @@ nodes, committing graphs). Figures are microseconds per primitive, the median of
 ``--reps`` rounds after a warm-up round. Set ``MLX_*`` variables on the command
 line to compare MLX's settings (they are read once, at MLX's first use).
 
-    python -m benchmarks.issue_cost [--count 400] [--reps 7] [--batch 1]
+``--large`` adds products of a Llama-3-8B-sized weight (gate/up fused: 4096 x 28672,
+224 MiB), independent of each other: there the device takes longer than the host,
+and the issue time shows whether ``mx.async_eval`` waits for the device (it then
+approaches the products' device time) or only launches.
+
+    python -m benchmarks.issue_cost [--count 400] [--reps 7] [--batch 1] [--large]
 """
 
 import argparse
@@ -17,7 +22,8 @@ import statistics
 import time
 
 
-def kinds(mx, heads=16, kv_heads=8, head_dim=128, hidden=1024, context=256, batch=1):
+def kinds(mx, heads=16, kv_heads=8, head_dim=128, hidden=1024, context=256, batch=1,
+          large=False):
     dt = mx.bfloat16
     w = mx.random.normal((hidden, hidden)).astype(dt) * 0.02
     x = mx.random.normal((batch, hidden)).astype(dt)
@@ -77,6 +83,12 @@ def kinds(mx, heads=16, kv_heads=8, head_dim=128, hidden=1024, context=256, batc
     }
     if double is not None:
         table["custom cuda_kernel (elementwise)"] = lambda n: [_chain(x, n, custom)]
+    if large:
+        big_w = (mx.random.normal((28672, 4096)) * 0.02).astype(dt)  # [out, in], as a Linear
+        big_x = mx.random.normal((batch, 4096)).astype(dt)
+        mx.eval(big_w, big_x)
+        table[f"matmul [{batch},4096]x[4096,28672], independent"] = lambda n: [
+            big_x @ big_w.T for _ in range(n)]
     return table
 
 
@@ -107,6 +119,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=400)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--batch", type=int, default=1, help="rows of a decode step")
+    parser.add_argument("--large", action="store_true",
+                        help="also products of a Llama-3-8B-sized weight (slow on a CPU)")
     args = parser.parse_args()
     from vllm_metal.device import select_device
 
@@ -117,7 +131,7 @@ def main() -> None:
     print(f"device {mx.default_device()}, MLX {mx.__version__}, batch {args.batch}, "
           f"settings {settings or 'defaults'}")
     results = {}
-    for name, build in kinds(mx, batch=args.batch).items():
+    for name, build in kinds(mx, batch=args.batch, large=args.large).items():
         results[name] = measure(mx, build, args.count, args.reps)
         print(f"{name:55s} build {results[name]['build_us']:7.2f} us  "
               f"issue {results[name]['issue_us']:7.2f} us", flush=True)
