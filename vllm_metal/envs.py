@@ -238,16 +238,16 @@ def rank_settings() -> dict[str, str]:
     return {name: str(int(v)) if isinstance(v, bool) else str(v) for name, v in values.items()}
 
 
-# VLLM_METAL_* names that are not this table's: the platform's device_control_env_var,
-# which vLLM's executors set.
-NOT_SETTINGS = frozenset({"VLLM_METAL_VISIBLE_DEVICES"})
+# The platform's device_control_env_var: vLLM's executors set it, the user may too (the
+# GPUs a rank may use). A VLLM_METAL_* name, but read by vLLM and nccl.pin_gpu, not parsed here.
+VISIBLE_DEVICES = "VLLM_METAL_VISIBLE_DEVICES"
 
 
 def validate_all() -> None:
     """Parse every setting now, so a typo stops startup instead of a later step; a
     VLLM_METAL_* name that is no setting (misspelt, or retired) stops it too."""
     unknown = sorted(name for name in os.environ if name.startswith("VLLM_METAL_")
-                     and name not in SETTINGS and name not in NOT_SETTINGS)
+                     and name not in SETTINGS and name != VISIBLE_DEVICES)
     if unknown:
         raise SettingError(f"{', '.join(unknown)}: no such setting of vllm-metal (misspelt, or "
                            f"retired); unset it. The settings: {', '.join(SETTINGS)}")

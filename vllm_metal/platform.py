@@ -29,7 +29,7 @@ class MetalPlatform(Platform):
     device_type = "cpu"
     dispatch_key = "CPU"
     ray_device_key = "mlx"
-    device_control_env_var = "VLLM_METAL_VISIBLE_DEVICES"
+    device_control_env_var = envs.VISIBLE_DEVICES
     dist_backend = "gloo"
     supported_quantization = ["gguf"]
 

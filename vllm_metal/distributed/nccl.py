@@ -10,6 +10,7 @@ first touches CUDA (``select_device``).
 
 import os
 
+from vllm_metal import envs
 from vllm_metal.distributed.parallel import Topology
 
 
@@ -51,6 +52,6 @@ def nccl_environment(everyone: list[dict], topology: Topology) -> dict[str, str]
 
 def pin_gpu(local_rank: int) -> None:
     """One GPU per rank on this host; before MLX initialises CUDA in this process."""
-    visible = os.environ.get("VLLM_METAL_VISIBLE_DEVICES")
+    visible = os.environ.get(envs.VISIBLE_DEVICES)
     devices = visible.split(",") if visible else None
     os.environ["CUDA_VISIBLE_DEVICES"] = devices[local_rank] if devices else str(local_rank)
