@@ -45,14 +45,21 @@ def test_bad_setting_names_the_variable(monkeypatch, name, bad):
 
 
 @pytest.mark.parametrize("name", ["VLLM_METAL_TRIALS", "VLLM_METAL_GEMV_KERNELS"])
-def test_a_setting_name_that_does_not_exist_is_refused(monkeypatch, name):
-    """A retired setting (VLLM_METAL_TRIALS) or a misspelt one is not ignored."""
+def test_a_setting_name_that_does_not_exist_is_refused(monkeypatch, tiny_model, name):
+    """A retired setting (VLLM_METAL_TRIALS) or a misspelt one is not ignored: the
+    engine's configuration, built as `vllm serve` and `LLM(...)` build it, stops."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    model = tiny_model("qwen3")
     monkeypatch.setenv(name, "1")
     with pytest.raises(envs.SettingError, match=f"{name}: no such setting"):
         envs.validate_all()
+    with pytest.raises(Exception, match=f"{name}: no such setting"):
+        EngineArgs(model=model, dtype="float32").create_engine_config()
     monkeypatch.delenv(name)
     monkeypatch.setenv("VLLM_METAL_VISIBLE_DEVICES", "0")  # vLLM's own, for the platform
     envs.validate_all()
+    EngineArgs(model=model, dtype="float32").create_engine_config()
 
 
 def test_settings_defaults(monkeypatch):
