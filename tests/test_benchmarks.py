@@ -224,3 +224,21 @@ def test_step_loop_variants_take_values_with_commas():
         "both", {"MLX_LIST": "a,b", "VLLM_METAL_ATTENTION_WARPS": "8"})
     with pytest.raises(argparse.ArgumentTypeError):
         parse_variant("no-settings")
+
+
+def test_issue_cost_large_products_are_the_8b_weights_products():
+    """``issue_cost --large`` times what it names: independent [rows, 4096] x [4096, 28672]
+    products of one weight (as many arrays as asked for, equal, not zero); only with --large."""
+    import mlx.core as mx
+
+    from benchmarks.issue_cost import kinds
+
+    table = kinds(mx, batch=2, large=True)
+    name = "matmul [2,4096]x[4096,28672], independent"
+    assert name in table and name not in kinds(mx, batch=2)
+    products = table[name](3)
+    mx.eval(products)
+    assert len(products) == 3 and all(p.shape == (2, 28672) for p in products)
+    assert len({id(p) for p in products}) == 3  # three primitives, not one reused
+    assert mx.array_equal(products[1], products[0]).item()
+    assert mx.abs(products[0].astype(mx.float32)).max().item() > 0
