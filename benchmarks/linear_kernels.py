@@ -12,7 +12,7 @@ show which is the faster where.
 
     python -m benchmarks.linear_kernels [--shapes llama-3-8b qwen3-0.6b]
         [--rows 1 2 4 8 16 32] [--per-warp 1 2 4 8] [--split-unroll 2-2 4-4]
-        [--tiles 2-4-4 1-2-4]
+        [--tiles 2-4-4 1-2-4] [--matmul-only]
         [--steps 20] [--out DIR]
 """
 
@@ -29,6 +29,9 @@ SHAPES = {
                    ("down", 4096, 14336)],
     "qwen3-0.6b": [("qkv", 4096, 1024), ("o", 1024, 2048), ("gate_up", 6144, 1024),
                    ("down", 1024, 3072)],
+    # mlx-lm's own products (projections apart): a layer runs q, k, v, o, gate, up, down.
+    "llama-3-8b-apart": [("q", 4096, 4096), ("k/v", 1024, 4096), ("gate/up", 14336, 4096)],
+    "qwen3-0.6b-apart": [("q", 2048, 1024), ("k/v", 1024, 1024), ("gate/up", 3072, 1024)],
 }
 # A first run joined each step's products by concatenation and showed a copy kernel per
 # product taking 5x a product's time; steps now join them by additions, and the joining
@@ -37,7 +40,7 @@ SHAPES = {
 
 def product_steps(out_features: int, in_features: int, rows: int, copies: int,
                   per_warp: list[int], tiles: list[tuple],
-                  split_unroll: list[tuple] = ()) -> dict:
+                  split_unroll: list[tuple] = (), matmul_only: bool = False) -> dict:
     """Each way of computing the products, as a function that launches ``copies`` of
     them (one per weight) and returns their outputs' sum."""
     import mlx.core as mx
@@ -54,7 +57,7 @@ def product_steps(out_features: int, in_features: int, rows: int, copies: int,
         return lambda: functools.reduce(mx.add, [product(x, w) for w in weights])
 
     steps = {"matmul": joined(lambda x, w: x @ w.T)}
-    if not on_cuda():
+    if matmul_only or not on_cuda():
         return steps
     if rows <= gemv.MAX_ROWS:
         steps["vector"] = joined(lambda x, w: gemv.small_batch_linear(x, w, kernel="vector"))
@@ -77,13 +80,13 @@ def product_steps(out_features: int, in_features: int, rows: int, copies: int,
 
 
 def measure(shape: str, rows: int, per_warp: list[int], tiles: list[tuple], steps: int,
-            min_bytes: int, split_unroll: list[tuple] = ()) -> list[dict]:
+            min_bytes: int, split_unroll: list[tuple] = (), matmul_only: bool = False) -> list[dict]:
     results = []
     for name, out_features, in_features in SHAPES[shape]:
         weight_bytes = 2 * out_features * in_features
         copies = max(2, -(-min_bytes // weight_bytes))
         for method, step in product_steps(out_features, in_features, rows, copies,
-                                          per_warp, tiles, split_unroll).items():
+                                          per_warp, tiles, split_unroll, matmul_only).items():
             result = profile(step, steps, pipelined=True, top=6)
             us = 1e3 * kernels_ms(result, copies)[0]
             results.append({"shape": shape, "product": name, "rows": rows, "method": method,
@@ -123,6 +126,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--bytes", type=int, default=512 * 1024**2,
                         help="weight bytes each step reads, at least (past the device's cache)")
+    parser.add_argument("--matmul-only", action="store_true",
+                        help="only MLX's matmul (as against the -apart shapes: fused or not)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from vllm_metal.device import select_device
@@ -132,7 +137,7 @@ def main() -> None:
     split_unroll = [tuple(int(v) for v in t.split("-")) for t in args.split_unroll]
     results = [r for shape in args.shapes for rows in args.rows
                for r in measure(shape, rows, args.per_warp, tiles, args.steps, args.bytes,
-                                split_unroll)]
+                                split_unroll, args.matmul_only)]
     print(table(results))
     write_results(args.out, "linear_kernels", results, table(results))
 
