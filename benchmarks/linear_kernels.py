@@ -57,6 +57,8 @@ def product_steps(out_features: int, in_features: int, rows: int, copies: int,
         return lambda: functools.reduce(mx.add, [product(x, w) for w in weights])
 
     steps = {"matmul": joined(lambda x, w: x @ w.T)}
+    if matmul_only:  # the same product with the weight as cuBLAS's first operand
+        steps["matmul, weight first"] = joined(lambda x, w: (w @ x.T).T)
     if matmul_only or not on_cuda():
         return steps
     if rows <= gemv.MAX_ROWS:

@@ -197,6 +197,20 @@ def test_linear_kernels_writes_its_table(tmp_path):
     assert (tmp_path / "linear_kernels.md").read_text().count("| qwen3-0.6b | down | 2 |") == 1
 
 
+def test_linear_kernels_matmul_only_weighs_apart_products(tmp_path):
+    """--matmul-only: MLX's matmul both ways round, on mlx-lm's unfused shapes too."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.linear_kernels", "--shapes",
+                           "qwen3-0.6b", "qwen3-0.6b-apart", "--rows", "8", "--matmul-only",
+                           "--steps", "2", "--bytes", "1000000", "--out", str(tmp_path)],
+                          cwd=REPO, env=dict(os.environ), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "linear_kernels.json").read_text())
+    assert {row["method"] for row in rows} == {"matmul", "matmul, weight first"}
+    assert {(row["shape"], row["product"]) for row in rows} >= {
+        ("qwen3-0.6b", "gate_up"), ("qwen3-0.6b-apart", "gate/up"), ("qwen3-0.6b-apart", "k/v")}
+
+
 @pytest.mark.slow  # three servers on the tiny shape (about 3 minutes): CI's time budget
 def test_gpu_benchmarks_online_part_brackets_the_plugin_between_mlx_lm_runs(tmp_path):
     """``benchmarks.gpu --parts online`` on any machine: mlx_lm.server, vllm serve,
