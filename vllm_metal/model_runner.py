@@ -42,7 +42,7 @@ from vllm_metal.drafts import NgramDrafts
 from vllm_metal.forward_groups import ForwardGroup, plan_groups
 from vllm_metal.kv_layout import KVLayout
 from vllm_metal.models.adapter import CausalLM
-from vllm_metal.model_setup import load_rank_model
+from vllm_metal.model_setup import RankModel, load_rank_model
 from vllm_metal.persistent_batch import PersistentBatch
 from vllm_metal.prompt_logprobs import PromptLogprobs
 from vllm_metal.sampling import (decode_sampled, encode_sampled, first_position_masks,
@@ -78,8 +78,6 @@ class MetalModelRunner:
         self.is_last_stage = self.pp_rank == self.pp_size - 1
         self.samples = self.is_last_stage and self.tp_rank == 0
         self.reports_output = self.samples  # vLLM reads the outputs of this rank only
-        self.stage_layers: range | None = None
-        self.handoff = None
         self.model_config = vllm_config.model_config
         self.cache_config = vllm_config.cache_config
         self.scheduler_config = vllm_config.scheduler_config
@@ -93,12 +91,9 @@ class MetalModelRunner:
         self.requests = self.batch.requests
         self.sampler = Sampler(logprobs_mode=self.model_config.logprobs_mode)
         self.model: CausalLM | None = None
-        self.grouped_mask = False
+        self.rank_model: RankModel | None = None  # the model and what loading it decided
         self.kv_cache: PagedKVCache | None = None
-        self.layer_windows: list[int | None] = []
         self.decode_graphs: DecodeGraphs | None = None
-        self.paged_kernel = False  # decode attention by vllm_metal.attention.decode_kernel
-        self.fused_blocks = 0  # decoder layers whose decode step is vllm_metal.models.decode_block's
         self.input_batch: InputBatch | None = None
         self.step_state: StepState | None = None
         # Asynchronous scheduling: the last step's greedy tokens, still on the device.
@@ -108,44 +103,39 @@ class MetalModelRunner:
         self.mlx_thread = None
         self.debug = envs.VLLM_METAL_DEBUG
         self.batch_prompts = envs.VLLM_METAL_BATCH_PROMPTS
-        self.adapters = None  # vllm_metal.lora.Adapters under --enable-lora
         self.drafts = NgramDrafts(vllm_config, proposes=self.samples)
         self.num_spec_tokens = self.drafts.num_spec_tokens
 
     # ---- setup -------------------------------------------------------------
     def load_model(self) -> None:
-        loaded = load_rank_model(self.vllm_config, self.parallel, self.tp_rank, self.pp_rank)
-        self.model = loaded.model
-        self.stage_layers = loaded.stage_layers
-        self.handoff = loaded.handoff
-        self.adapters = loaded.adapters
-        self.grouped_mask = loaded.grouped_mask
-        self.layer_windows = loaded.layer_windows
-        self.paged_kernel = loaded.paged_kernel
-        self.fused_blocks = loaded.fused_blocks
+        self.rank_model = load_rank_model(self.vllm_config, self.parallel, self.tp_rank,
+                                          self.pp_rank)
+        self.model = self.rank_model.model
 
     def kv_layer_names(self) -> list[str]:
-        return [f"model.layers.{i}.self_attn" for i in self.stage_layers]
+        return [f"model.layers.{i}.self_attn" for i in self.rank_model.stage_layers]
 
     def get_kv_cache_spec(self) -> dict[str, FullAttentionSpec]:
         return self.kv_layout.spec(self.kv_layer_names())
 
     def kv_bytes_per_block(self) -> int:
-        return self.kv_layout.bytes_per_block(len(self.stage_layers))
+        return self.kv_layout.bytes_per_block(len(self.rank_model.stage_layers))
 
     def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
         num_blocks = kv_cache_config.num_blocks
         start = time.perf_counter()
-        self.kv_cache = self.kv_layout.allocate(num_blocks, self.model.num_layers, self.stage_layers)
+        loaded = self.rank_model
+        self.kv_cache = self.kv_layout.allocate(num_blocks, self.model.num_layers,
+                                                loaded.stage_layers)
         allocated_in = time.perf_counter() - start
         # Compiled decode steps: one rank (collectives stay outside traced graphs),
         # unless --enforce-eager.
         self.decode_graphs = None
         # A traced step would keep the adapter slots it was traced with: LoRA runs eager.
-        if self.parallel is None and not self.model_config.enforce_eager and self.adapters is None:
-            self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.layer_windows,
-                                              self.grouped_mask, self.paged_kernel,
-                                              fused_blocks=self.fused_blocks > 0)
+        if self.parallel is None and not self.model_config.enforce_eager and loaded.adapters is None:
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, loaded.layer_windows,
+                                              loaded.grouped_mask, loaded.paged_kernel,
+                                              fused_blocks=loaded.fused_blocks > 0)
         self.input_batch = InputBatch(
             max_num_reqs=self.max_num_reqs,
             max_model_len=self.max_model_len,
@@ -162,7 +152,7 @@ class MetalModelRunner:
         )
         self.batch.input_batch = self.input_batch
         logger.info("KV cache: %s, allocated in %.2f s",
-                    self.kv_layout.describe(num_blocks, self.stage_layers), allocated_in)
+                    self.kv_layout.describe(num_blocks, loaded.stage_layers), allocated_in)
 
     def warm_up(self) -> None:
         """One single-token forward into the null block (block 0, never handed to
@@ -261,18 +251,19 @@ class MetalModelRunner:
                  int(batch.num_prompt_tokens[row]))
                 for i, row in enumerate(group.rows)])
         block_table = batch.block_table[0].get_numpy_array()[rows]
-        if self.adapters is not None:
-            self.adapters.activate([int(batch.request_lora_mapping[row]) for row in group.rows],
-                                   batch.lora_id_to_lora_request)
+        loaded = self.rank_model
+        if loaded.adapters is not None:
+            loaded.adapters.activate([int(batch.request_lora_mapping[row]) for row in group.rows],
+                                     batch.lora_id_to_lora_request)
         if self._takes_decode_graph(group):
             return self.decode_graphs.logits(tokens, block_table, np.asarray(group.starts))
         plan = BatchPlan.build(block_table, group.starts, qlens, self.block_size,
-                               self.kv_layout.num_kv_heads, self.grouped_mask,
+                               self.kv_layout.num_kv_heads, loaded.grouped_mask,
                                self.kv_layout.entries)
-        plan.use_kernel = self.paged_kernel
+        plan.use_kernel = loaded.paged_kernel
         hidden = self.model.hidden_states(tokens, self.kv_cache.layer_views(plan))
         if not self.is_last_stage:
-            return self.handoff.take_pending()
+            return loaded.handoff.take_pending()
         num_drafts = np.array([len(batch.spec_token_ids[row]) for row in group.rows])
         sample_at = hidden[mx.arange(len(rows)), mx.array(qlens - 1 - num_drafts)]
         for i, row in enumerate(group.rows):
@@ -301,7 +292,9 @@ class MetalModelRunner:
 
     def _stage_result(self, hidden_rows: mx.array):
         """What a forward ends in: logits on the last stage, the pending send before it."""
-        return self.model.logits(hidden_rows) if self.is_last_stage else self.handoff.take_pending()
+        if self.is_last_stage:
+            return self.model.logits(hidden_rows)
+        return self.rank_model.handoff.take_pending()
 
     def _evaluate(self, *arrays) -> None:
         if self.parallel is None:

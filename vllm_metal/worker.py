@@ -250,7 +250,7 @@ class MetalWorker(WorkerBase):
         return self._adapters().pin(lora_id)
 
     def _adapters(self):
-        adapters = self.model_runner.adapters
+        adapters = self.model_runner.rank_model.adapters
         if adapters is None:
             raise RuntimeError("LoRA adapters need --enable-lora")
         return adapters
