@@ -424,12 +424,10 @@ def reference_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None
     specification in the tests, and the way for calls it does not cover)."""
     if norm is not None:
         x = mx.fast.rms_norm(x, norm[0], norm[1])
-    # One product-and-add (addmm) where there is one thing to add: a kernel fewer.
-    if residual is None and bias is None:
-        return x @ weight.T
-    if residual is None or bias is None:
-        return mx.addmm(bias if residual is None else residual, x, weight.T)
-    return residual + mx.addmm(bias, x, weight.T)
+    out = x @ weight.T
+    if bias is not None:
+        out = out + bias
+    return out if residual is None else residual + out
 
 
 class SmallBatchLinear(nn.Linear):
