@@ -99,3 +99,33 @@ def test_chat_response_format_json_schema(server):
                             "json_schema": {"name": "answer", "schema": schema}}})
     assert r.status_code == 200, r.text
     assert json.loads(r.json()["choices"][0]["message"]["content"]) in ({"ok": True}, {"ok": False})
+
+
+def test_a_port_another_server_answers_on_is_left_for_a_fresh_one(tiny_model, tmp_path):
+    """A port taken between free_port and the server's bind: the other server's health
+    answer is not taken for this one's; it starts again on another port."""
+    import http.server
+    import threading
+
+    from vllm_metal.testing.server import Server
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    taken = other.server_address[1]
+    server = Server([tiny_model("qwen3")], log_path=tmp_path / "server.log")
+    server.port = taken
+    server.command[server.command.index("--port") + 1] = str(taken)
+    try:
+        with server:
+            assert server.port != taken
+            assert server._listens()
+    finally:
+        other.shutdown()

@@ -71,7 +71,7 @@ class Server:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 240.0) -> "Server":
+    def start(self, timeout: float = 240.0, attempts: int = 3) -> "Server":
         self.log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(self.command, env=self.env, stdout=self.log,
                                         stderr=subprocess.STDOUT, start_new_session=True,
@@ -82,7 +82,32 @@ class Server:
         except TimeoutError:
             self.stop()
             raise
+        if not self._listens():
+            # Another test's server took the port first and answered the health check:
+            # once more on another port.
+            self.stop()
+            if attempts <= 1:
+                raise RuntimeError(f"port {self.port} answered, but not from this server: "
+                                   f"{self.tail()}")
+            self.port = free_port()
+            self.command[self.command.index("--port") + 1] = str(self.port)
+            return self.start(timeout, attempts - 1)
         return self
+
+    def _listens(self) -> bool:
+        """Whether this server's process tree holds the listening socket of its port."""
+        try:
+            root = psutil.Process(self.process.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return False
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                sockets = getattr(process, "net_connections", process.connections)("inet")
+                if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
+                       for c in sockets):
+                    return True
+        return False
 
     def tail(self, chars: int = 4000) -> str:
         if not self.log_path or not Path(self.log_path).exists():
