@@ -59,6 +59,7 @@ class Server:
         self.log_path = log_path
         self.cwd = cwd
         self.process: subprocess.Popen | None = None
+        self.log = subprocess.DEVNULL
 
     @property
     def auth_headers(self) -> dict | None:
@@ -72,7 +73,22 @@ class Server:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 240.0, attempts: int = 3) -> "Server":
-        self.log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        """Start the server and wait until it answers. Where the answer came from another
+        server (one that took the port between ``free_port`` and this one's bind), stop
+        and start again on another port; the log keeps every attempt."""
+        for attempt in range(attempts):
+            self._launch(timeout, log_mode="wb" if attempt == 0 else "ab")
+            if self._listens():
+                return self
+            self.stop()
+            taken = self.port
+            self.port = free_port()
+            self.command[self.command.index("--port") + 1] = str(self.port)
+        raise RuntimeError(f"port {taken} answered, but not from this server, "
+                           f"{attempts} times: {self.tail()}")
+
+    def _launch(self, timeout: float, log_mode: str) -> None:
+        self.log = open(self.log_path, log_mode) if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(self.command, env=self.env, stdout=self.log,
                                         stderr=subprocess.STDOUT, start_new_session=True,
                                         cwd=self.cwd)
@@ -82,17 +98,6 @@ class Server:
         except TimeoutError:
             self.stop()
             raise
-        if not self._listens():
-            # Another test's server took the port first and answered the health check:
-            # once more on another port.
-            self.stop()
-            if attempts <= 1:
-                raise RuntimeError(f"port {self.port} answered, but not from this server: "
-                                   f"{self.tail()}")
-            self.port = free_port()
-            self.command[self.command.index("--port") + 1] = str(self.port)
-            return self.start(timeout, attempts - 1)
-        return self
 
     def _listens(self) -> bool:
         """Whether this server's process tree holds the listening socket of its port."""
@@ -133,6 +138,8 @@ class Server:
         for child in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()
 
     def __enter__(self):
         return self.start()
