@@ -5,6 +5,8 @@ import json
 import pytest
 import requests
 
+from conftest import free_port, requires_tool
+from vllm_metal.testing.netns import SimulatedHosts, can_simulate_hosts
 from vllm_metal.testing.server import Server
 
 
@@ -129,3 +131,35 @@ def test_a_port_another_server_answers_on_is_left_for_a_fresh_one(tiny_model, tm
             assert server._listens()
     finally:
         other.shutdown()
+
+
+@requires_tool(can_simulate_hosts())
+def test_a_listener_in_another_network_namespace_is_seen_as_its_process_s():
+    """Servers of the Ray and multi-host tests run under `ip netns exec`: their sockets
+    are listed in their namespace's tables, which the port check must read."""
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    from vllm_metal.testing.server import _holds_listener
+
+    with SimulatedHosts(1) as hosts:
+        address, port = hosts.addresses[0], free_port()
+        listener = subprocess.Popen(
+            ["ip", "netns", "exec", hosts.names[0], sys.executable, "-c",
+             f"import socket, time; s = socket.socket(); s.bind(('{address}', {port})); "
+             f"s.listen(); print('up', flush=True); time.sleep(60)"],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert listener.stdout.readline().strip() == "up"
+            with socket.create_connection((address, port), timeout=5):
+                pass
+            process = psutil.Process(listener.pid)
+            assert _holds_listener(process, port)
+            assert not _holds_listener(process, port + 1)
+            assert not _holds_listener(psutil.Process(), port)
+        finally:
+            listener.kill()
+            listener.wait()

@@ -106,13 +106,7 @@ class Server:
             tree = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return False
-        for process in tree:
-            with contextlib.suppress(psutil.Error):
-                sockets = getattr(process, "net_connections", process.connections)("inet")
-                if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
-                       for c in sockets):
-                    return True
-        return False
+        return any(_holds_listener(process, self.port) for process in tree)
 
     def tail(self, chars: int = 4000) -> str:
         if not self.log_path or not Path(self.log_path).exists():
@@ -146,3 +140,38 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _holds_listener(process: psutil.Process, port: int) -> bool:
+    """Whether ``process`` holds a socket listening on ``port``. On Linux the answer
+    comes from the process's own ``/proc/PID/net`` tables: a server started in another
+    network namespace (``ip netns exec``) lists its sockets there, not in this one's."""
+    proc = Path(f"/proc/{process.pid}")
+    if not proc.exists():
+        with contextlib.suppress(psutil.Error):
+            sockets = getattr(process, "net_connections", process.connections)("inet")
+            return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                       for c in sockets)
+        return False
+    held = set()
+    with contextlib.suppress(OSError):
+        for fd in (proc / "fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    held.add(target[len("socket:["):-1])
+    return bool(held & _listening_inodes(proc, port))
+
+
+def _listening_inodes(proc: Path, port: int) -> set[str]:
+    """The inodes of the sockets in LISTEN state on ``port`` in ``proc``'s namespace."""
+    listen_state = "0A"
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in (proc / "net" / table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == listen_state:
+                    inodes.add(fields[9])
+    return inodes
