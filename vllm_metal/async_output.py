@@ -2,7 +2,8 @@
 
 vLLM's engine (``--async-scheduling``) schedules step n+1 before it has read
 step n's tokens, and reads them later through an ``AsyncModelRunnerOutput``.
-The runner keeps step n's greedy tokens on the device (``InFlightTokens``):
+The runner keeps step n's greedy tokens on the device (``InFlightTokens``, held
+and settled by ``InFlightSteps``):
 step n+1's graph takes its input tokens from there, and the host learns their
 values only once step n+1 is issued. Until then a request's host state holds
 ``PLACEHOLDER`` at that position, as vLLM's scheduler counts it.
@@ -65,6 +66,74 @@ class InFlightTokens:
             self.tokens[mx.array(np.array(source, np.int32))]
         )
         return filled
+
+
+class InFlightSteps:
+    """The runner's side: the step whose greedy tokens are still on the device,
+    launched by ``sample_tokens``, settled before the next step is issued."""
+
+    def __init__(self, batch):
+        self.batch = batch  # PersistentBatch: the host's request state
+        self.current: InFlightTokens | None = None
+        # Set where the runner's MLX work runs on one thread (``mlx_thread``).
+        self.mlx_thread = None
+
+    def pending(self) -> InFlightTokens | None:
+        """The step in flight whose tokens the host does not know yet."""
+        if self.current is None or self.current.settled:
+            return None
+        return self.current
+
+    def launch(self, logits: mx.array, discard: list[int]) -> tuple[InFlightTokens, list[int]]:
+        """Greedy tokens of ``logits`` [num_reqs, vocab], left on the device; the host
+        books a placeholder for each row not in ``discard``. Returns the flight and
+        the rows that sampled."""
+        batch = self.batch.input_batch
+        tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
+        mx.async_eval(tokens)
+        skip = set(discard)
+        rows = [row for row in range(batch.num_reqs) if row not in skip]
+        slots = {}
+        for row in rows:
+            request = self.batch.requests[batch.req_ids[row]]
+            slots[request.req_id] = (row, len(request.output_token_ids))
+        self.batch.append_sampled([[] if row in skip else [PLACEHOLDER]
+                                   for row in range(batch.num_reqs)])
+        self.current = InFlightTokens(tokens, slots)
+        return self.current, rows
+
+    def settle(self, flight: InFlightTokens | None = None) -> None:
+        """Wait for a step in flight (the current one by default) and put its tokens
+        where the host keeps them. The next step's forward must not be issued before
+        where it scatters into the KV pools: a pool still referenced by a pending
+        graph is copied, not updated in place."""
+        flight = self.current if flight is None else flight
+        if flight is None or flight.settled:
+            return
+        values = flight.read()
+        flight.settled = True
+        if self.current is flight:
+            self.current = None
+        batch, requests = self.batch.input_batch, self.batch.requests
+        for req_id, (index, position) in flight.slots.items():
+            request = requests.get(req_id)
+            output = request.output_token_ids if request is not None else ()
+            if position >= len(output) or output[position] != PLACEHOLDER:
+                continue  # finished, or its output was cut back (preemption)
+            output[position] = values[index]
+            row = batch.req_id_to_index.get(req_id)
+            if row is not None:
+                batch.token_ids_cpu[row, len(request.prompt_token_ids) + position] = values[index]
+        flight.settled_event.set()
+
+    def settler(self) -> Callable[[InFlightTokens], None]:
+        """How the engine's thread settles a flight: directly in a one-thread runner;
+        else the next step's forward settles it on the runner's thread, and where
+        none comes first, a settle queued there."""
+        if self.mlx_thread is None:
+            return self.settle
+        return lambda flight: self.mlx_thread.call_unless(flight.settled_event, self.settle,
+                                                          flight)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from vllm.v1.structured_output.utils import apply_grammar_bitmask
 from vllm.v1.worker.gpu_input_batch import InputBatch
 
 from vllm_metal import envs
-from vllm_metal.async_output import PLACEHOLDER, InFlightTokens, MetalAsyncOutput
+from vllm_metal.async_output import InFlightSteps, MetalAsyncOutput
 from vllm_metal.attention.decode_graph import DecodeGraphs
 from vllm_metal.attention.paged import BatchPlan, PagedKVCache
 from vllm_metal.drafts import NgramDrafts
@@ -98,9 +98,7 @@ class MetalModelRunner:
         self.step_state: StepState | None = None
         # Asynchronous scheduling: the last step's greedy tokens, still on the device.
         self.async_scheduling = bool(self.scheduler_config.async_scheduling)
-        self.in_flight: InFlightTokens | None = None
-        # Set by the worker where all of this runner's MLX work runs on one thread.
-        self.mlx_thread = None
+        self.in_flight = InFlightSteps(self.batch)
         self.debug = envs.VLLM_METAL_DEBUG
         self.batch_prompts = envs.VLLM_METAL_BATCH_PROMPTS
         self.drafts = NgramDrafts(vllm_config, proposes=self.samples)
@@ -197,7 +195,7 @@ class MetalModelRunner:
                 # may not be issued before it ends (see below).
                 t_built = time.perf_counter()
                 if wait_first:
-                    self._settle(self.in_flight)
+                    self.in_flight.settle()
                 t_settled = time.perf_counter()
             # Each group must finish before the next writes the same KV pools:
             # a pool still referenced by a pending graph would be copied, not updated.
@@ -206,7 +204,7 @@ class MetalModelRunner:
             else:
                 mx.async_eval(logits, prompt_logits, draft_checks)
         t_issued = time.perf_counter()
-        self._settle(self.in_flight)  # the host learns the last step's tokens
+        self.in_flight.settle()  # the host learns the last step's tokens
         waited = (t_settled - t_built) + (time.perf_counter() - t_issued)
         # Groups run their rows in their own order (a padded group: longest first).
         order = np.argsort(np.concatenate([rows for rows, _ in rows_logits]))
@@ -243,10 +241,11 @@ class MetalModelRunner:
         for i, row in enumerate(group.rows):
             start = group.starts[i]
             tokens[i, : qlens[i]] = batch.token_ids_cpu[row, start : start + qlens[i]]
-        if self.in_flight is None or self.in_flight.settled:
+        pending = self.in_flight.pending()
+        if pending is None:
             tokens = mx.array(tokens)
         else:
-            tokens = self.in_flight.fill_inputs(tokens, [
+            tokens = pending.fill_inputs(tokens, [
                 (i, batch.req_ids[row], group.starts[i], int(qlens[i]),
                  int(batch.num_prompt_tokens[row]))
                 for i, row in enumerate(group.rows)])
@@ -389,17 +388,7 @@ class MetalModelRunner:
         """Greedy tokens left on the device: the next step reads them there, the
         engine when it asks. The host books a placeholder for each."""
         batch = self.input_batch
-        tokens = mx.argmax(state.logits, axis=-1).astype(mx.int32)
-        mx.async_eval(tokens)
-        skip = set(discard)
-        rows = [row for row in range(batch.num_reqs) if row not in skip]
-        slots = {}
-        for row in rows:
-            request = self.requests[batch.req_ids[row]]
-            slots[request.req_id] = (row, len(request.output_token_ids))
-        self.batch.append_sampled([[] if row in skip else [PLACEHOLDER]
-                                   for row in range(batch.num_reqs)])
-        self.in_flight = InFlightTokens(tokens, slots)
+        flight, rows = self.in_flight.launch(state.logits, discard)
         prompt_logprobs = self.prompt_logprobs.collect(state.prompt_logits, self.requests,
                                                        self.sampler)
         self.prompt_logprobs.finish(state.scheduler_output, self.requests)
@@ -409,37 +398,10 @@ class MetalModelRunner:
             req_ids=list(batch.req_ids),
             req_id_to_index=dict(batch.req_id_to_index),
             rows=rows,
-            flight=self.in_flight,
-            settle=self._settle if self.mlx_thread is None else self._settle_from_any_thread,
+            flight=flight,
+            settle=self.in_flight.settler(),
             prompt_logprobs=prompt_logprobs,
         )
-
-    def _settle(self, flight: InFlightTokens | None) -> None:
-        """Wait for an in-flight step and put its tokens where the host keeps them.
-        The next step's forward must not be issued before: a KV pool still
-        referenced by a pending graph is copied, not updated in place."""
-        if flight is None or flight.settled:
-            return
-        values = flight.read()
-        flight.settled = True
-        if self.in_flight is flight:
-            self.in_flight = None
-        batch = self.input_batch
-        for req_id, (index, position) in flight.slots.items():
-            request = self.requests.get(req_id)
-            output = request.output_token_ids if request is not None else ()
-            if position >= len(output) or output[position] != PLACEHOLDER:
-                continue  # finished, or its output was cut back (preemption)
-            output[position] = values[index]
-            row = batch.req_id_to_index.get(req_id)
-            if row is not None:
-                batch.token_ids_cpu[row, len(request.prompt_token_ids) + position] = values[index]
-        flight.settled_event.set()
-
-    def _settle_from_any_thread(self, flight: InFlightTokens) -> None:
-        """``_settle`` for the engine's thread: the next step's forward settles this
-        one on the runner's thread; where none comes first, a settle queued there."""
-        self.mlx_thread.call_unless(flight.settled_event, self._settle, flight)
 
     def _receive_samples(self, state: StepState) -> None:
         """A TP rank other than the stage's first books the tokens rank 0 sampled."""

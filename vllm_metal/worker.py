@@ -67,7 +67,7 @@ class MetalWorker(WorkerBase):
         from vllm_metal.model_runner import MetalModelRunner
 
         self.model_runner = MetalModelRunner(self.vllm_config, self.model_parallel)
-        self.model_runner.mlx_thread = self.mlx_thread
+        self.model_runner.in_flight.mlx_thread = self.mlx_thread
 
     def _init_distributed(self):
         import torch
