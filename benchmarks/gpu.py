@@ -188,6 +188,31 @@ def step_timings(log: Path, batch: int) -> dict:
     return {name: round(statistics.median(v), 2) for name, v in parts.items()}
 
 
+def plugin_key(variant: str) -> str:
+    """The prefix of a variant's figures in a result row."""
+    return "plugin" if variant == "default" else f"plugin_{variant}"
+
+
+def slowest_step(log_text: str) -> dict | None:
+    """The step line of ``log_text`` whose parts add up to the most: its requests,
+    tokens, total ms and parts (a one-time cost, such as a kernel compiled at its first
+    launch, shows in the step that pays it)."""
+    slowest = None
+    for match in STEP_LINE.finditer(log_text):
+        parts = {part["name"]: float(part["ms"]) for part in PART.finditer(match["parts"])}
+        total = sum(parts.values())
+        if slowest is None or total > slowest["ms"]:
+            slowest = {"reqs": int(match["reqs"]), "tokens": int(match["tokens"]),
+                       "ms": round(total, 2), "parts": parts}
+    return slowest
+
+
+def log_after(log: Path, offset: int) -> str:
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
 def stop(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
 
@@ -255,16 +280,18 @@ def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float,
         mlx_lm_runs = [mlx_lm_tokens_per_s(model, next(fresh))]
         runs = {name: [] for name in engines}
         for name, (llm, log) in engines.items():
-            key = "plugin" if name == "default" else f"plugin_{name}"
+            key = plugin_key(name)
             # The first run at a batch size traces its decode graphs (once per
             # shape bucket, kept for the engine's life): shown, not compared.
+            start = log.stat().st_size
             row[f"{key}_first"] = plugin_tokens_per_s(llm, next(fresh), log)
+            row[f"{key}_first_slowest_step"] = slowest_step(log_after(log, start))
         for _ in range(rounds):  # each round: every engine, then mlx-lm (A B A ...)
             for name, (llm, log) in engines.items():
                 runs[name].append(plugin_tokens_per_s(llm, next(fresh), log))
             mlx_lm_runs.append(mlx_lm_tokens_per_s(model, next(fresh)))
         for name, (llm, log) in engines.items():
-            key = "plugin" if name == "default" else f"plugin_{name}"
+            key = plugin_key(name)
             row[key] = statistics.median(runs[name])
             row[f"{key}_steps_ms"] = step_timings(log, batch)
             if rounds > 1:
@@ -375,10 +402,21 @@ def report(result: dict) -> str:
               "| shape | batch | variant | step parts |", "| --- | --- | --- | --- |"]
     for r in rows:
         for name in ["default"] + others:
-            key = "plugin_steps_ms" if name == "default" else f"plugin_{name}_steps_ms"
+            key = f"{plugin_key(name)}_steps_ms"
             if r.get(key):
                 parts = ", ".join(f"{k} {v}" for k, v in r[key].items())
                 lines.append(f"| {r['shape']} | {r['batch']} | {name} | {parts} |")
+    slowest = [(r, name, r.get(f"{plugin_key(name)}_first_slowest_step"))
+               for r in rows for name in ["default"] + others]
+    if any(step for _, _, step in slowest):
+        lines += ["", "## The slowest step of the plugin's first run at each batch (VLLM_METAL_DEBUG)",
+                  "", "| shape | batch | variant | requests | tokens | ms | parts |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r, name, step in slowest:
+            if step:
+                parts = ", ".join(f"{k} {v}" for k, v in step["parts"].items())
+                lines.append(f"| {r['shape']} | {r['batch']} | {name} | {step['reqs']} | "
+                             f"{step['tokens']} | {step['ms']} | {parts} |")
     if result.get("online"):
         lines += ["", "## Online, `vllm bench serve` against each server (output tok/s; "
                   "mlx_lm.server, vllm serve, mlx_lm.server again)", "",

@@ -256,3 +256,26 @@ def test_issue_cost_large_products_are_the_8b_weights_products():
     assert len({id(p) for p in products}) == 3  # three primitives, not one reused
     assert mx.array_equal(products[1], products[0]).item()
     assert mx.abs(products[0].astype(mx.float32)).max().item() > 0
+
+
+def test_gpu_benchmarks_offline_part_names_the_first_runs_slowest_step(tmp_path):
+    """``benchmarks.gpu --parts offline`` on any machine: mlx-lm's loop and the plugin at
+    each batch, and the step of the plugin's first run that took longest (where a
+    one-time cost would show), read from the engine's own step lines."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--shapes", "tiny", "--parts",
+                           "offline", "--batches", "1", "4", "--variants", "default",
+                           "--models", str(tmp_path / "models"), "--out", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu.json").read_text())["offline"]
+    assert [r["batch"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["plugin"] > 0 and r["mlx_lm_a"] > 0 and r["plugin_first"] > 0
+        step = r["plugin_first_slowest_step"]
+        # The run's steps: its prompts' prefill (32 tokens each) and decodes of `batch` rows.
+        assert 1 <= step["reqs"] <= r["batch"] and 1 <= step["tokens"] <= 32 * r["batch"], step
+        assert step["ms"] == pytest.approx(sum(step["parts"].values()), abs=0.01)
+        assert step["ms"] > 0
+    table = table_rows((tmp_path / "gpu.md").read_text(), "The slowest step")
+    assert [row[1] for row in table] == ["1", "4"], table
