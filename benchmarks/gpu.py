@@ -329,17 +329,23 @@ def online(shape: str, model_dir: Path, logs: Path) -> list[dict]:
         SCALES["smoke"], name="gpu", serve_concurrencies=CONCURRENCIES, serve_prompt_len=PROMPT_LEN,
         serve_output_len=NEW_TOKENS, serve_prompts_per_client=2, kv_cache_bytes=KV_CACHE_BYTES,
         max_model_len=1024, timeout_s=420)
-    # Warm-up requests as many as the clients: a concurrency's figure is then the
-    # servers' steady state, not their first prefill of a shape (4 requests at 1).
-    runs = [("serving", {"concurrency": c}, serving.concurrency_args(scale, c, warmups=c))
-            for c in scale.serve_concurrencies]
+    # Before each concurrency's measured run, an unmeasured one of as many distinct
+    # prompts as clients (their own seed: no prefix shared with the measured prompts),
+    # so a concurrency's figure is the servers' steady state, not their first batched
+    # prefill of distinct prompts (vllm bench's own warm-up repeats one prompt, whose
+    # copies hit a prefix cache). The one-time costs show in the offline part's first runs.
+    runs = []
+    for c in scale.serve_concurrencies:
+        runs += [("warm-up", {"concurrency": c},
+                  serving.concurrency_args(scale, c, prompts=c) + ["--seed", str(1000 + c)]),
+                 ("serving", {"concurrency": c}, serving.concurrency_args(scale, c))]
     rounds = {}
     for engine, name in ONLINE_ROUNDS:
         folder = logs / f"online-{shape}-{name}"
         folder.mkdir(parents=True, exist_ok=True)
         rows = serving.run_session(serving.Session(engine, True, runs), scale, model_dir,
                                    "bfloat16", folder)
-        rounds[name] = {row["concurrency"]: row for row in rows}
+        rounds[name] = {row["concurrency"]: row for row in rows if row["kind"] == "serving"}
         print(json.dumps({"shape": shape, "round": name,
                           "tok_s": {c: r.get("output_tok_s") for c, r in rounds[name].items()}}),
               flush=True)
@@ -419,7 +425,8 @@ def report(result: dict) -> str:
                              f"{step['tokens']} | {step['ms']} | {parts} |")
     if result.get("online"):
         lines += ["", "## Online, `vllm bench serve` against each server (output tok/s; "
-                  "mlx_lm.server, vllm serve, mlx_lm.server again)", "",
+                  "mlx_lm.server, vllm serve, mlx_lm.server again; each concurrency after an "
+                  "unmeasured run of as many distinct prompts as clients)", "",
                   "| shape | concurrency | mlx_lm.server (A / A') | vllm serve | ratio | "
                   "TTFT p50 ms (plugin / mlx-lm) | ITL p50 ms | ITL p99 ms | status |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -51,9 +51,12 @@ def common_args(base_url: str, model_dir: Path, engine: str) -> list[str]:
     return args
 
 
-def concurrency_args(scale: Scale, concurrency: int, warmups: int = 0) -> list[str]:
-    """``warmups``: requests sent first and not measured (each server's first-call costs)."""
-    prompts = max(concurrency * scale.serve_prompts_per_client, 4)
+def concurrency_args(scale: Scale, concurrency: int, warmups: int = 0,
+                     prompts: int | None = None) -> list[str]:
+    """``warmups``: requests sent first and not measured (each server's first-call
+    costs; vllm bench sends its first prompt that many times). ``prompts``: how many
+    (by default ``serve_prompts_per_client`` a client, at least 4)."""
+    prompts = prompts or max(concurrency * scale.serve_prompts_per_client, 4)
     return ["--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
             "--random-input-len", str(scale.serve_prompt_len),
             "--random-output-len", str(scale.serve_output_len),
