@@ -149,3 +149,22 @@ def test_configs_it_would_get_wrong_are_refused(tiny_model, tmp_path, arch, fiel
     (model_dir / "config.json").write_text(json.dumps({**config, **fields}))
     with pytest.raises(Exception, match=words):
         start_llm(str(model_dir))
+
+
+def test_an_engine_exits_without_a_traceback(tiny_model, tmp_path):
+    """`LLM(...)` as a user script has it, to the interpreter's exit: the engine's
+    teardown ends quietly (vLLM's empties torch's accelerator caches, which raised
+    where torch has no accelerator)."""
+    script = tmp_path / "generate.py"
+    script.write_text(
+        "from vllm import LLM, SamplingParams\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM({tiny_model('qwen3')!r}, max_model_len=256)\n"
+        "    out = llm.generate(['Hello'], SamplingParams(max_tokens=4), use_tqdm=False)\n"
+        "    print('generated', len(out[0].outputs[0].token_ids))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "generated 4" in done.stdout
+    assert "Traceback" not in output, output[output.index("Traceback") - 500:][:4000]

@@ -295,3 +295,18 @@ def test_mlx_lm_attention_contact():
     assert "self.gate_proj(x), self.up_proj(x)" in inspect.getsource(mlp.__call__)
     assert issubclass(nn.QuantizedLinear, nn.Module) and "mode" in inspect.signature(
         nn.QuantizedLinear.__init__).parameters
+
+
+def test_engine_teardown_contact():
+    """vLLM's engine teardown empties torch's accelerator caches off its CPU platform
+    (``platform.quiet_teardown_without_torch_accelerator`` makes them no-ops where
+    torch has no accelerator)."""
+    import torch
+    from vllm.distributed import parallel_state
+    from vllm.v1.engine import core
+
+    teardown = inspect.getsource(parallel_state.cleanup_dist_env_and_memory)
+    assert "torch.accelerator.empty_cache()" in teardown
+    assert "torch.accelerator.empty_host_cache()" in teardown
+    assert "cleanup_dist_env_and_memory()" in inspect.getsource(core.EngineCore.shutdown)
+    assert callable(torch.accelerator.empty_cache) and callable(torch.accelerator.empty_host_cache)

@@ -20,6 +20,27 @@ class UnsupportedConfig(ValueError):
 _CHECKED = "_vllm_metal_checked"
 
 
+def _nothing_to_empty() -> None:
+    return None
+
+
+def quiet_teardown_without_torch_accelerator() -> None:
+    """vLLM's engine teardown (``cleanup_dist_env_and_memory``) empties torch's
+    accelerator caches on every platform but its own CPU one. Where torch has no
+    accelerator (Linux without CUDA: MLX on the CPU) those calls raise, and every
+    engine's exit ended in a traceback. There is no torch cache to empty there, so
+    they do nothing; where torch has one (MPS on a Mac, CUDA) they stay as they are."""
+    if torch.accelerator.is_available():
+        return
+    for name in ("empty_cache", "empty_host_cache"):
+        if hasattr(torch.accelerator, name):
+            setattr(torch.accelerator, name, _nothing_to_empty)
+
+
+# Imported by every vLLM process that selects this platform, before any teardown.
+quiet_teardown_without_torch_accelerator()
+
+
 class MetalPlatform(Platform):
     _enum = PlatformEnum.OOT
     # torch device strings are built from this (vLLM's groups keep CPU tensors)
