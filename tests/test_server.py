@@ -1,13 +1,17 @@
 """`vllm serve` on a tiny model, over real HTTP on 127.0.0.1."""
 
 import json
+import socket
+import subprocess
+import sys
 
+import psutil
 import pytest
 import requests
 
 from conftest import free_port, requires_tool
 from vllm_metal.testing.netns import SimulatedHosts, can_simulate_hosts
-from vllm_metal.testing.server import Server
+from vllm_metal.testing.server import Server, _holds_listener
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +113,6 @@ def test_a_port_another_server_answers_on_is_left_for_a_fresh_one(tiny_model, tm
     import http.server
     import threading
 
-    from vllm_metal.testing.server import Server
-
     class Healthy(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
@@ -137,14 +139,6 @@ def test_a_port_another_server_answers_on_is_left_for_a_fresh_one(tiny_model, tm
 def test_a_listener_in_another_network_namespace_is_seen_as_its_process_s():
     """Servers of the Ray and multi-host tests run under `ip netns exec`: their sockets
     are listed in their namespace's tables, which the port check must read."""
-    import socket
-    import subprocess
-    import sys
-
-    import psutil
-
-    from vllm_metal.testing.server import _holds_listener
-
     with SimulatedHosts(1) as hosts:
         address, port = hosts.addresses[0], free_port()
         listener = subprocess.Popen(
