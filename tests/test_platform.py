@@ -159,7 +159,7 @@ def test_an_engine_exits_without_a_traceback(tiny_model, tmp_path):
     script.write_text(
         "from vllm import LLM, SamplingParams\n"
         "if __name__ == '__main__':\n"
-        f"    llm = LLM({tiny_model('qwen3')!r}, max_model_len=256)\n"
+        f"    llm = LLM({tiny_model('qwen3')!r})\n"
         "    out = llm.generate(['Hello'], SamplingParams(max_tokens=4), use_tqdm=False)\n"
         "    print('generated', len(out[0].outputs[0].token_ids))\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
