@@ -319,6 +319,22 @@ ONLINE_ROUNDS = (("mlx_lm.server", "mlx_lm_a"), ("vllm serve", "plugin"),
                  ("mlx_lm.server", "mlx_lm_b"))
 
 
+def online_runs(scale) -> list[tuple[str, dict, list[str]]]:
+    """Each concurrency's measured run, after an unmeasured one of as many distinct
+    prompts as clients (their own seed: no prefix shared with the measured prompts),
+    so a concurrency's figure is the servers' steady state, not their first batched
+    prefill of distinct prompts (vllm bench's own warm-up repeats one prompt, whose
+    copies hit a prefix cache). The one-time costs show in the offline part's first runs."""
+    from benchmarks import serving
+
+    runs = []
+    for c in scale.serve_concurrencies:
+        runs += [("warm-up", {"concurrency": c},
+                  serving.concurrency_args(scale, c, prompts=c) + ["--seed", str(1000 + c)]),
+                 ("serving", {"concurrency": c}, serving.concurrency_args(scale, c))]
+    return runs
+
+
 def online(shape: str, model_dir: Path, logs: Path) -> list[dict]:
     """Per concurrency: output tok/s of each round, the plugin's over the mean of
     mlx_lm.server's two, and both servers' latencies."""
@@ -329,16 +345,7 @@ def online(shape: str, model_dir: Path, logs: Path) -> list[dict]:
         SCALES["smoke"], name="gpu", serve_concurrencies=CONCURRENCIES, serve_prompt_len=PROMPT_LEN,
         serve_output_len=NEW_TOKENS, serve_prompts_per_client=2, kv_cache_bytes=KV_CACHE_BYTES,
         max_model_len=1024, timeout_s=420)
-    # Before each concurrency's measured run, an unmeasured one of as many distinct
-    # prompts as clients (their own seed: no prefix shared with the measured prompts),
-    # so a concurrency's figure is the servers' steady state, not their first batched
-    # prefill of distinct prompts (vllm bench's own warm-up repeats one prompt, whose
-    # copies hit a prefix cache). The one-time costs show in the offline part's first runs.
-    runs = []
-    for c in scale.serve_concurrencies:
-        runs += [("warm-up", {"concurrency": c},
-                  serving.concurrency_args(scale, c, prompts=c) + ["--seed", str(1000 + c)]),
-                 ("serving", {"concurrency": c}, serving.concurrency_args(scale, c))]
+    runs = online_runs(scale)
     rounds = {}
     for engine, name in ONLINE_ROUNDS:
         folder = logs / f"online-{shape}-{name}"

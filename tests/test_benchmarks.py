@@ -279,3 +279,29 @@ def test_gpu_benchmarks_offline_part_names_the_first_runs_slowest_step(tmp_path)
         assert step["ms"] > 0
     table = table_rows((tmp_path / "gpu.md").read_text(), "The slowest step")
     assert [row[1] for row in table] == ["1", "4"], table
+
+
+def test_gpu_benchmarks_online_runs_warm_each_concurrency_with_distinct_prompts():
+    """Each measured concurrency follows an unmeasured run of as many prompts as clients,
+    whose seed (as vllm bench parses the command) differs from the measured run's, so
+    its prompts share no prefix with the measured ones."""
+    from vllm.benchmarks.serve import add_cli_args
+
+    from benchmarks.gpu import online_runs
+    from benchmarks.scales import SCALES
+    from benchmarks.serving import common_args
+
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    scale = SCALES["smoke"]
+    runs = online_runs(scale)
+    assert [(kind, fields["concurrency"]) for kind, fields, _ in runs] == [
+        (kind, c) for c in scale.serve_concurrencies for kind in ("warm-up", "serving")]
+    base = common_args("http://127.0.0.1:1", REPO, "vllm serve")
+    parsed = [parser.parse_args(base + args) for _, _, args in runs]
+    for (kind, fields, _), args in zip(runs, parsed):
+        assert args.max_concurrency == fields["concurrency"]
+        if kind == "warm-up":
+            assert args.num_prompts == fields["concurrency"] and args.num_warmups == 0
+    seeds = [args.seed for args in parsed]
+    assert len(set(seeds[0::2])) == len(seeds[0::2]) and set(seeds[0::2]).isdisjoint(seeds[1::2])
