@@ -57,12 +57,6 @@ VARIANTS = {"default": {}, "sync": {"async_scheduling": False}, "eager": {"enfor
             # The runner's MLX work on the engine's thread (vLLM's Python and MLX's issue in turn).
             "inline": {"VLLM_METAL_RUNNER_THREAD": "0"},
             # MLX's CUDA graphs of up to 100 kernels (default 20) for the engine only.
-            # The fused decode step's large q/k/v and gate/up products one matmul a projection
-            # (mlx-lm's), or every large product with the weight as matmul's first operand.
-            "apart": {"VLLM_METAL_LARGE_PRODUCTS": "apart"},
-            "weight-first": {"VLLM_METAL_LARGE_PRODUCTS": "weight-first"},
-            # Decode steps padded to 12, 24, ... rows too (a batch of 12 runs 12 rows, not 16).
-            "half-octave": {"VLLM_METAL_DECODE_ROW_BUCKETS": "half-octave"},
             "graphs100": {"MLX_MAX_OPS_PER_BUFFER": "100", "MLX_CUDA_GRAPH_CACHE_SIZE": "400"},
             # MLX's kernels launched one by one on the stream, not gathered into CUDA graphs.
             "no-graphs": {"MLX_USE_CUDA_GRAPHS": "0"}}
@@ -273,8 +267,7 @@ def offline(shape: str, model_dir: Path, logs: Path, rate_gb_s: float,
     for name in names:
         log = logs / f"{shape}-{name}.log"
         # Small shapes run on small machines too: three engines at once.
-        kv_bytes = (KV_CACHE_BYTES if shape not in ("tiny", *NARROW) else 1 << 30) // (
-            1 if len(names) <= 2 else 4)  # three 8B engines and mlx-lm's model fit in 80 GB
+        kv_bytes = KV_CACHE_BYTES if shape not in ("tiny", *NARROW) else 1 << 30
         engines[name] = (start_plugin(model_dir, max(batches), VARIANTS[name], log, kv_bytes), log)
         plugin_tokens_per_s(engines[name][0], prompts(2, vocab, seed=1), log)  # warm-up
     for batch in batches:

@@ -57,15 +57,10 @@ def test_a_rotation_of_part_of_the_head_is_not_taken():
     assert decode_block.rotary_frequencies(nn.RoPE(16, base=10000.0), 32) is None
 
 
-@pytest.mark.parametrize("arch, overrides, products", [
-    *[(arch, overrides, "fused") for arch, overrides in MODELS],
-    # Off CUDA no product is the kernel's: each takes VLLM_METAL_LARGE_PRODUCTS's way.
-    ("qwen3", {"head_dim": 32}, "apart"), ("qwen3", {"head_dim": 32}, "weight-first")])
-def test_fused_decode_steps_give_the_plain_tokens(arch, overrides, products, tiny_model,
-                                                  monkeypatch):
+@pytest.mark.parametrize("arch, overrides", MODELS)
+def test_fused_decode_steps_give_the_plain_tokens(arch, overrides, tiny_model, monkeypatch):
     """In this process (the stand-ins must be seen by the engine)."""
     model = tiny_model(arch, **overrides)
-    monkeypatch.setenv("VLLM_METAL_LARGE_PRODUCTS", products)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("VLLM_METAL_KV_WRITE_IN_PLACE", "0")  # the stand-in hands keys back
     monkeypatch.setenv("VLLM_METAL_FUSED_DECODE_BLOCK", "0")

@@ -85,36 +85,6 @@ def test_each_decode_shape_is_traced_once(tiny_model, capfd):
     assert all(blocks & (blocks - 1) == 0 for _, blocks in traced), traced
 
 
-def test_rows_buckets(monkeypatch):
-    from vllm_metal.attention.decode_graph import rows_bucket, rows_buckets
-
-    assert [rows_bucket(n) for n in (1, 3, 5, 9, 12, 13, 24, 25)] == [1, 4, 8, 16, 16, 16, 32, 32]
-    assert rows_buckets(20) == [1, 2, 4, 8, 16, 32]
-    monkeypatch.setenv("VLLM_METAL_DECODE_ROW_BUCKETS", "half-octave")
-    assert [rows_bucket(n) for n in (1, 3, 5, 9, 12, 13, 24, 25)] == [1, 4, 8, 12, 12, 16, 24, 32]
-    assert rows_buckets(20) == [1, 2, 4, 8, 12, 16, 24]
-
-
-def test_half_octave_row_buckets_give_the_same_tokens(tiny_model, monkeypatch, capfd):
-    """13 requests decoded together (then fewer as they end): 13 rows pad to 16 in either
-    way, 12 and 9 to 12 with half-octave buckets."""
-    model = tiny_model("qwen3")
-    requests = [TokensPrompt(prompt_token_ids=[(7 * j + 13 * i) % 400 + 3 for j in range(3 + i)])
-                for i in range(13)]
-    lengths = [6 + i for i in range(13)]
-
-    def tokens():
-        return engine_greedy_tokens(model, requests, lengths, max_num_batched_tokens=256)
-
-    octave = tokens()
-    monkeypatch.setenv("VLLM_METAL_DECODE_ROW_BUCKETS", "half-octave")
-    capfd.readouterr()
-    assert tokens() == octave
-    captured = capfd.readouterr()
-    warmed = re.search(r"Decode steps traced and run for ([\d, ]+) rows", captured.out + captured.err)
-    assert warmed and "8, 12, 16" in warmed[1], (captured.out + captured.err)[-3000:]
-
-
 def small_graphs(model, use_kernel: bool = False):
     """Decode graphs over a 4-block cache of 16-token blocks, 2 KV heads of size 8."""
     import mlx.core as mx

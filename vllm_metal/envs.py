@@ -21,8 +21,6 @@
 | VLLM_METAL_GEMV_TENSOR_CORES | auto | auto, 1 or 0: linear layers called with 9 to 32 rows (bf16, fp16) of a weight under 16 MiB as one custom tensor-core kernel with the norm, bias and residual folded in, where MLX's norm, matmul and add would run: its device time is behind the matmul's (`benchmarks/linear_kernels.py`), but a small model's step is set by the host's issue, which it cuts (Qwen3-0.6B at batch 32 on an H200: 3.5 against 6.3 ms); auto: on MLX's CUDA build on a GPU of compute capability 8.0 or later (1 on an older one is refused), where `VLLM_METAL_GEMV_KERNEL` is on; 0 keeps MLX's norm, matmul and add |
 | VLLM_METAL_ATTENTION_WARPS | auto | auto or 1-32: warps a thread block of the fused decode step's attention kernel (`VLLM_METAL_FUSED_DECODE_BLOCK`) has, each taking 32 positions at a time; auto: 32 where a step has at most 64 blocks (batch x query heads), 16 above (`fused_decode.warps_for`) |
 | VLLM_METAL_GEMV_SPLIT_UNROLL | auto | auto, SPLIT-UNROLL or SPLIT-UNROLL-ROWS (SPLIT 1, 2 or 4; UNROLL 1 to 8; ROWS 1, 2, 4 or 8), e.g. 4-2: the matrix-vector kernel's warps sharing a group of weight rows (each reading a share of the width), the loads of each row a lane keeps in flight and the weight rows in a group; auto: 4-4 for calls of 1 or 2 rows, 1-2 above, and as many weight rows as activation rows up to 4 (`gemv.vector_choice`, `gemv.rows_per_warp`) |
-| VLLM_METAL_LARGE_PRODUCTS | fused | fused, apart or weight-first: how the fused decode step (`VLLM_METAL_FUSED_DECODE_BLOCK`) computes its q/k/v and gate/up products of weights MLX's matmul takes (16 MiB or more, `gemv.LARGE_WEIGHT`): fused, one matmul over the stacked weights; apart, one matmul per projection over its rows of them (mlx-lm's products, no copy); weight-first, every such product of the step (o and down too) with the weight as the matmul's first operand (cuBLAS then sees the weight's rows as its long side); on trial until a GPU run picks one |
-| VLLM_METAL_DECODE_ROW_BUCKETS | octave | octave or half-octave: the row counts compiled decode steps are padded to; octave, powers of two (a batch of 12 runs 16 rows); half-octave, also 12, 24, 48, ... (a batch of 12 runs 12; twice the traces at startup from 16 rows up); on trial until a GPU run picks one |
 | VLLM_METAL_BATCH_PROMPTS | 1 | 1 runs prompt chunks of like length scheduled in one step as one padded forward (padding at most a quarter of the group's tokens and attention scores; `forward_groups.py`): the host issues one forward's primitives for many prompts; 0 runs each chunk alone |
 | VLLM_METAL_RUNNER_THREAD | 1 | 1 runs a one-process engine's MLX work (model load, each step's forward and sampling) on a thread of its own, so that vLLM's scheduling and output handling overlap MLX's launch of the forward; 0 runs it on the engine's thread |
 | VLLM_METAL_PEER_TIMEOUT | 3 | seconds a rank of a TP/PP engine waits for a silent peer's heartbeat (a stopped or hung process, a link down) before it stops the engine |
@@ -218,12 +216,6 @@ _SETTINGS = [
     Setting("VLLM_METAL_GEMV_SPLIT_UNROLL", "auto",
             _split_unroll("VLLM_METAL_GEMV_SPLIT_UNROLL"),
             "matrix-vector kernel: warps splitting a row's width, loads in flight (CUDA)"),
-    Setting("VLLM_METAL_LARGE_PRODUCTS", "fused",
-            _choice("VLLM_METAL_LARGE_PRODUCTS", ("fused", "apart", "weight-first")),
-            "fused decode step: large q/k/v and gate/up products (CUDA)"),
-    Setting("VLLM_METAL_DECODE_ROW_BUCKETS", "octave",
-            _choice("VLLM_METAL_DECODE_ROW_BUCKETS", ("octave", "half-octave")),
-            "row counts compiled decode steps are padded to"),
     Setting("VLLM_METAL_BATCH_PROMPTS", "1", _flag("VLLM_METAL_BATCH_PROMPTS"),
             "prompt chunks of like length in one padded forward", ranks_agree=True),
     Setting("VLLM_METAL_RUNNER_THREAD", "1", _flag("VLLM_METAL_RUNNER_THREAD"),

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from vllm_metal import envs
 from vllm_metal.attention import decode_kernel
 from vllm_metal.attention.paged import (NULL_BLOCK, PagedKVCache, allowed_keys, pool_rows,
                                        position_rows, window_of)
@@ -46,20 +45,6 @@ KERNEL_MIN_READ_POSITIONS = 2048
 
 def bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
-
-
-def rows_bucket(n: int) -> int:
-    """A decode step's rows for a batch of ``n``: a power of two, or under
-    ``VLLM_METAL_DECODE_ROW_BUCKETS=half-octave`` also three quarters of one from 12 up."""
-    top = bucket(n)
-    if top >= 16 and envs.VLLM_METAL_DECODE_ROW_BUCKETS == "half-octave" and n <= top * 3 // 4:
-        return top * 3 // 4
-    return top
-
-
-def rows_buckets(max_rows: int) -> list[int]:
-    """Every rows bucket up to the one of ``max_rows``, in order."""
-    return sorted({rows_bucket(n) for n in range(1, max_rows + 1)})
 
 
 def fine_bucket(n: int) -> int:
@@ -113,7 +98,7 @@ class DecodeGraphs:
 
     def _logits(self, tokens: mx.array, block_tables: np.ndarray, positions: np.ndarray):
         batch = len(positions)
-        rows = rows_bucket(batch)
+        rows = bucket(batch)
         if rows > batch:
             tokens = mx.concatenate([tokens, mx.zeros((rows - batch, 1), tokens.dtype)])
         inputs = self._inputs(block_tables, positions, rows)
@@ -129,8 +114,7 @@ class DecodeGraphs:
         blocks bucket, all rows on the null block (never handed to requests): the
         (rows, blocks) traced."""
         first = len(self.traces)
-        ran = 0
-        for rows in rows_buckets(max_rows):
+        for rows in (1 << i for i in range(bucket(max_rows).bit_length())):
             tables = np.full((rows, 1), NULL_BLOCK, np.int64)
             try:
                 mx.eval(self._logits(mx.zeros((rows, 1), mx.int32), tables,
@@ -141,8 +125,7 @@ class DecodeGraphs:
                 # Better refused now than failing a server's requests once its batch grows.
                 raise RuntimeError(
                     f"a decode step of {rows} rows failed at startup ({error}); --max-num-seqs "
-                    f"{ran} keeps every batch to the sizes that ran") from error
-            ran = rows
+                    f"{rows // 2} keeps every batch to the sizes that ran") from error
         return self.traces[first:]
 
     def _inputs(self, block_tables: np.ndarray, positions: np.ndarray, rows: int) -> DecodeInputs:

@@ -147,10 +147,7 @@ class FusedDecodeStep:
         attention, mlp = self.self_attn, self.mlp
         plan = cache.plan
         norm = self.input_layernorm
-        qkv = _fused_product(x, attention.qkv_fused, (norm.weight, norm.eps))
-        if len(qkv) > 1:
-            qkv = [mx.concatenate(qkv, axis=-1)]
-        qkv = qkv[0]
+        qkv = _linear(x, attention.qkv_fused.layer, (norm.weight, norm.eps))
         q_norm = attention.get("q_norm")
         in_place = plan.write_in_place
         result = fused_decode.fused_decode_attention(
@@ -165,9 +162,8 @@ class FusedDecodeStep:
             cache._write(keys, values)
         h = _linear(result, attention.o_proj, residual=x)
         norm = self.post_attention_layernorm
-        gu = _fused_product(h, mlp.gate_up_fused, (norm.weight, norm.eps))
-        act = swiglu(gu[0]) if len(gu) == 1 else nn.silu(gu[0]) * gu[1]
-        return _linear(act, mlp.down_proj, residual=h)
+        gu = _linear(h, mlp.gate_up_fused.layer, (norm.weight, norm.eps))
+        return _linear(swiglu(gu), mlp.down_proj, residual=h)
 
     def _fused_step_covers(self, x, mask, cache) -> bool:
         from vllm_metal.attention.decode_graph import StepPlan
@@ -185,35 +181,7 @@ def _linear(x, layer, norm=None, residual=None):
     bias = layer.get("bias")
     if gemv.available() and gemv.covers(x, layer.weight):
         return gemv.small_batch_linear(x, layer.weight, bias, norm, residual)
-    if bias is None and _large_products() == "weight-first":
-        if norm is not None:
-            x = mx.fast.rms_norm(x, norm[0], norm[1])
-        out = _weight_first(x, layer.weight)
-        return out if residual is None else residual + out
     return gemv.reference_linear(x, layer.weight, bias, norm, residual)
-
-
-def _fused_product(x, fused, norm) -> list:
-    """The fused projection's product (one array), or, where its weight is MLX's matmul's
-    and ``VLLM_METAL_LARGE_PRODUCTS=apart``, each projection's own (mlx-lm's products,
-    over row ranges of the stacked weight: views, no copies)."""
-    layer = fused.layer
-    if (_large_products() != "apart" or "bias" in layer
-            or (gemv.available() and gemv.covers(x, layer.weight))):
-        return [_linear(x, layer, norm)]
-    x = mx.fast.rms_norm(x, norm[0], norm[1])
-    bounds = [0, *fused._split_at, layer.weight.shape[0]]
-    return [x @ layer.weight[start:end].T for start, end in zip(bounds, bounds[1:])]
-
-
-def _weight_first(x, weight):
-    """``x @ weight.T`` computed as ``(weight @ x.T).T``: cuBLAS's long operand first."""
-    flat = x.reshape(-1, x.shape[-1])
-    return (weight @ flat.T).T.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def _large_products() -> str:
-    return envs.VLLM_METAL_LARGE_PRODUCTS  # read when a step is traced, not per step
 
 
 @functools.cache
