@@ -41,6 +41,7 @@ from vllm_metal.attention.paged import BatchPlan, PagedKVCache
 from vllm_metal.drafts import NgramDrafts
 from vllm_metal.forward_groups import ForwardGroup, plan_groups
 from vllm_metal.kv_layout import KVLayout
+from vllm_metal.models import gemv
 from vllm_metal.models.adapter import CausalLM
 from vllm_metal.model_setup import RankModel, load_rank_model
 from vllm_metal.persistent_batch import PersistentBatch
@@ -154,13 +155,19 @@ class MetalModelRunner:
 
     def warm_up(self) -> None:
         """One single-token forward into the null block (block 0, never handed to
-        requests), so the first request does not pay for MLX's first-call setup; then
-        the compiled decode step of each batch bucket, traced before any request waits."""
-        plan = BatchPlan.build(np.zeros((1, 1), np.int32), [0], [1], self.block_size,
-                               self.kv_layout.num_kv_heads, entries=self.kv_layout.entries)
-        hidden = self.model.hidden_states(mx.zeros((1, 1), mx.int32),
-                                          self.kv_cache.layer_views(plan))
-        self._evaluate(self._stage_result(hidden[:, -1]))
+        requests), so the first request does not pay for MLX's first-call setup; a
+        prompt forward at each row count that launches a linear kernel of its own
+        (``gemv.warm_up_rows``, compiled at first launch); then the compiled decode
+        step of each batch bucket, traced before any request waits."""
+        self._null_block_forward(1)
+        rows = gemv.warm_up_rows(self.model.model)
+        if rows:
+            start = time.perf_counter()
+            for tokens in rows:
+                self._null_block_forward(tokens)
+            logger.info("Prompt forwards of %s tokens run at startup in %.2f s (the linear "
+                        "kernels' variants for those rows compiled)",
+                        ", ".join(map(str, rows)), time.perf_counter() - start)
         if self.decode_graphs is not None:
             start = time.perf_counter()
             traced = self.decode_graphs.warm_up(self.max_num_reqs)
@@ -169,6 +176,14 @@ class MetalModelRunner:
                             "(--enforce-eager: no compiled steps)",
                             ", ".join(str(rows) for rows, _ in traced), traced[0][1],
                             time.perf_counter() - start)
+
+    def _null_block_forward(self, tokens: int) -> None:
+        blocks = -(-tokens // self.block_size)
+        plan = BatchPlan.build(np.zeros((1, blocks), np.int32), [0], [tokens], self.block_size,
+                               self.kv_layout.num_kv_heads, entries=self.kv_layout.entries)
+        hidden = self.model.hidden_states(mx.zeros((1, tokens), mx.int32),
+                                          self.kv_cache.layer_views(plan))
+        self._evaluate(self._stage_result(hidden[:, -1]))
 
     # ---- step: forward -----------------------------------------------------
     def execute_model(self, scheduler_output):

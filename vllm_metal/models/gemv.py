@@ -449,6 +449,24 @@ class SmallBatchEmbedding(nn.Embedding):
         return super().as_linear(x)
 
 
+def warm_up_rows(model: nn.Module) -> list[int]:
+    """Row counts at which the kernels launch a variant of their own (the vector kernel's
+    rows are a template constant; the tensor-core kernel's 16-row tiles are one), each
+    compiled at its first launch: a forward of each at startup compiles them before a
+    request waits (Qwen3-0.6B's first 32-token prompt took 2 s on an H100; the decode
+    warm-up's products, with their norms and residuals folded in, are other variants).
+    None where no layer of ``model`` takes the kernels."""
+    takes_kernel = any(isinstance(module, (SmallBatchLinear, SmallBatchEmbedding))
+                       and module.weight.nbytes < LARGE_WEIGHT
+                       for _, module in model.named_modules())
+    if not takes_kernel:
+        return []
+    rows = list(range(1, MAX_ROWS + 1))
+    if tensor_cores():
+        rows += list(range(16, TENSOR_MAX_ROWS + 1, 16))
+    return rows
+
+
 def route_linears(model: nn.Module) -> int:
     """Turn every plain ``nn.Linear`` of ``model`` into a ``SmallBatchLinear`` where
     the kernel is available; returns how many. Settings that cannot be honoured
