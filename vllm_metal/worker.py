@@ -15,7 +15,7 @@ from vllm.config import CacheConfig
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from vllm_metal import envs, memory
-from vllm_metal.device import describe, keep_heap_between_steps, select_device
+from vllm_metal.device import describe, keep_heap_between_steps, on_cuda, select_device
 
 logger = logging.getLogger("vllm.metal")
 
@@ -174,8 +174,10 @@ class MetalWorker(WorkerBase):
     def compile_or_warm_up_model(self) -> CompilationTimes:
         start = time.perf_counter()
         self._on_mlx(self.model_runner.warm_up)
-        logger.info("Warm-up (a forward, then each decode batch bucket) took %.2f s",
-                    time.perf_counter() - start)
+        logger.info("Warm-up (prompt forwards, then each decode batch bucket) took %.2f s%s",
+                    time.perf_counter() - start,
+                    "; its kernels compile once a machine (MLX keeps them in MLX_PTX_CACHE_DIR, "
+                    "else the temporary directory): later startups load them" if on_cuda() else "")
         if self.model_parallel is not None:
             self.model_parallel.watch_peers(envs.VLLM_METAL_PEER_TIMEOUT)
         return CompilationTimes(language_model=0.0, encoder=0.0)
