@@ -3,13 +3,24 @@ address on a private subnet, joined by a bridge (a switch) in one more namespace
 The calling process gets an address on the same subnet, so it can be the client.
 
     with SimulatedHosts(3) as hosts:
-        hosts.names      # ["vmh1234n0", ...] (for `ip netns exec NAME ...`)
-        hosts.addresses  # ["10.233.x.1", ...]
+        hosts.names      # ["vm1234h0", ...] (for `ip netns exec NAME ...`)
+        hosts.addresses  # ["10.204.234.1", ...]
 """
 
+import fcntl
+import json
 import os
+import re
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
+
+# Each live set of simulated hosts has a file here naming its owner's pid and its
+# namespaces, so a set whose owner died without cleaning up (a test run killed) is
+# removed by the next one, and no two sets share a name or a subnet.
+STATE = Path(tempfile.gettempdir()) / "vllm-metal-netns"
+SETS = 12500  # distinct subnets 10.200-249.0-249
 
 
 def can_simulate_hosts() -> str | None:
@@ -25,23 +36,86 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
+def _ip_out(*args: str) -> str:
+    return subprocess.run(["ip", *args], capture_output=True, text=True).stdout
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(links: list[str], namespaces: list[str]) -> None:
+    for link in links:
+        subprocess.run(["ip", "link", "del", link], capture_output=True)
+    for name in namespaces:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def _reap_orphans() -> None:
+    """Remove the sets whose owner process is gone."""
+    for record in STATE.glob("*.json"):
+        try:
+            owner = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if not _alive(owner["pid"]):
+            _remove(owner["links"], owner["namespaces"])
+            record.unlink(missing_ok=True)
+
+
+def _subnets_in_use() -> set[str]:
+    """The /24 subnets (``a.b.c``) this namespace already has addresses or routes in."""
+    text = _ip_out("-4", "route") + _ip_out("-4", "-o", "addr")
+    return set(re.findall(r"\b(\d+\.\d+\.\d+)\.\d+", text))
+
+
 class SimulatedHosts:
     def __init__(self, count: int):
-        tag = os.getpid() % 10000
-        self.prefix = f"vm{tag}"
-        self.switch = f"{self.prefix}sw"
-        self.names = [f"{self.prefix}h{i}" for i in range(count)]
-        subnet = f"10.{200 + tag % 50}.{tag % 250}"
-        self.addresses = [f"{subnet}.{i + 1}" for i in range(count)]
+        self.count = count
+
+    def _choose(self) -> None:
+        """A prefix and subnet no other set (live, or left by a dead process) has; from
+        this process's pid first, so concurrent test workers seldom try the same one."""
+        names = set(_ip_out("netns", "list").split())
+        links = _ip_out("-o", "link")
+        used = _subnets_in_use()
+        start = os.getpid() % SETS
+        for offset in range(SETS):
+            n = (start + offset) % SETS
+            prefix, subnet = f"vm{n}", f"10.{200 + n // 250}.{n % 250}"
+            if (subnet not in used and f"{prefix}sw" not in names
+                    and not re.search(rf"\b{prefix}[a-z]", links)):
+                break
+        else:
+            raise RuntimeError("no free subnet for simulated hosts: remove stale vm* namespaces")
+        self.prefix = prefix
+        self.switch = f"{prefix}sw"
+        self.names = [f"{prefix}h{i}" for i in range(self.count)]
+        self.addresses = [f"{subnet}.{i + 1}" for i in range(self.count)]
         self.client_address = f"{subnet}.254"
-        self._client_link = f"{self.prefix}c"
+        self._client_link = f"{prefix}c"
 
     def __enter__(self) -> "SimulatedHosts":
-        try:
-            self._create()
-        except Exception:
-            self.__exit__()
-            raise
+        STATE.mkdir(exist_ok=True)
+        with open(STATE / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one set chosen and made at a time
+            _reap_orphans()
+            self._choose()
+            self._record = STATE / f"{self.prefix}.json"
+            self._record.write_text(json.dumps({
+                "pid": os.getpid(), "links": [self._client_link],
+                "namespaces": [*self.names, self.switch]}))
+            try:
+                self._create()
+            except Exception:
+                self.__exit__()
+                raise
         return self
 
     def _create(self) -> None:
@@ -67,9 +141,8 @@ class SimulatedHosts:
         _ip(*where, "link", "set", host_end, "up")
 
     def __exit__(self, *exc) -> None:
-        subprocess.run(["ip", "link", "del", self._client_link], capture_output=True)
-        for name in [*self.names, self.switch]:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        _remove([self._client_link], [*self.names, self.switch])
+        self._record.unlink(missing_ok=True)
 
     def hostfile(self, backend: str = "ring", envs: list[str] | None = None) -> dict:
         """An MLX hostfile for these hosts (ssh names are the namespace names)."""
