@@ -66,8 +66,8 @@ class Client(threading.Thread):
                     lines = [line for line in response.iter_lines() if line]
                 if lines[-1] != b"data: [DONE]":
                     self.failures.append(f"stream ended with {lines[-1][:200]!r}")
-                elif any(b'"error"' in line for line in lines):
-                    self.failures.append("error event in stream")
+                elif errors := [line for line in lines if b'"error"' in line]:
+                    self.failures.append(f"error event in stream: {errors[0][:300]!r}")
                 else:
                     json.loads(lines[-2][6:])  # the last event is whole JSON
                     self.done += 1
