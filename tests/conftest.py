@@ -119,15 +119,9 @@ def start_llm(model: str, **kwargs):
 
 
 def stop_llm(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except RuntimeError as error:
-        # An engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) ends with vLLM's
-        # torch.accelerator.empty_cache(), which raises where torch has no accelerator
-        # (this machine; not a Mac or an NVIDIA GPU).
-        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
-        if not (in_process and "accelerator" in str(error)):
-            raise
+    # In this process too (VLLM_ENABLE_V1_MULTIPROCESSING=0) the teardown must not raise:
+    # vLLM's empty_cache calls are made harmless by the platform where torch has no accelerator.
+    llm.llm_engine.engine_core.shutdown()
 
 
 def engine_greedy_tokens(model: str, prompts, max_tokens: list[int], **options) -> list[list[int]]:
