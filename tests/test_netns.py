@@ -1,7 +1,8 @@
 """Hosts simulated in network namespaces (``vllm_metal.testing.netns``), as the Ray,
 multi-host and stalled-rank tests use them: each set on a subnet of its own, reachable
-from this process; a set whose owner died (a killed test run) taken away by the next,
-and a subnet already routed here (such a set made before these records) never reused."""
+from this process; a set whose owner died (a killed test run) taken away by the next;
+a subnet already routed here under another name (a set made before these records)
+never reused."""
 
 import json
 import os
@@ -50,7 +51,9 @@ def test_two_sets_get_their_own_subnets_and_each_is_reachable():
 
 
 @requires_tool(can_simulate_hosts())
-def test_a_set_left_by_a_dead_process_is_removed_and_its_subnet_avoided_until_then():
+def test_a_set_left_by_a_dead_process_is_removed_by_the_next_one():
+    """Without a record (no owner known) such a set stays, and a new one takes another
+    name; with its dead owner's record, the next set removes its namespaces and link."""
     with SimulatedHosts(1) as left:
         record = json.loads(left._record.read_text())
     try:

@@ -455,7 +455,7 @@ def warm_up_rows(model: nn.Module) -> list[int]:
     compiled at its first launch: a forward of each at startup compiles them before a
     request waits (Qwen3-0.6B's first 32-token prompt took 2 s on an H100; the decode
     warm-up's products, with their norms and residuals folded in, are other variants).
-    None where no layer of ``model`` takes the kernels."""
+    No rows where no layer of ``model`` takes the kernels."""
     takes_kernel = any(isinstance(module, (SmallBatchLinear, SmallBatchEmbedding))
                        and module.weight.nbytes < LARGE_WEIGHT
                        for _, module in model.named_modules())
