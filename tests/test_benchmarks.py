@@ -305,3 +305,27 @@ def test_gpu_benchmarks_online_runs_warm_each_concurrency_with_distinct_prompts(
             assert args.num_prompts == fields["concurrency"] and args.num_warmups == 0
     seeds = [args.seed for args in parsed]
     assert len(set(seeds[0::2])) == len(seeds[0::2]) and set(seeds[0::2]).isdisjoint(seeds[1::2])
+
+
+def test_engine_timeline_splits_the_call_into_busy_and_idle_device_time():
+    """Overlapping kernels count once; the idle time before, between and after them
+    adds up to the call's wall time less the busy time."""
+    from benchmarks.engine_timeline import timeline
+
+    def kernel(ts, dur):
+        return {"cat": "kernel", "ts": ts, "dur": dur}
+
+    events = [kernel(100, 300), kernel(200, 400),  # overlap: busy 100-600
+              kernel(900, 100),                    # gap of 300 before it
+              kernel(1000, 1000),                  # back to back: busy 900-2000
+              {"cat": "cpu_op", "ts": 0, "dur": 5000},  # not the device's
+              kernel(9000, 10)]                    # after the call: not counted
+    t = timeline(events, begin=0, end=2500)
+    assert t["busy_ms"] == 1.6 and t["kernels"] == 4
+    assert (t["idle_before_ms"], t["idle_inside_ms"], t["idle_after_ms"]) == (0.1, 0.3, 0.5)
+    assert t["busy_ms"] + 0.1 + 0.3 + 0.5 == pytest.approx(t["wall_ms"])
+    assert t["longest_gaps"] == [{"at_ms": 0.6, "ms": 0.3}]
+    # The span 100-2000 in tenths of 190: the gap 600-900 leaves the 3rd to 5th tenths part idle.
+    assert t["busy_share_by_tenth"][0] == 1.0 and t["busy_share_by_tenth"][-1] == 1.0
+    assert t["busy_share_by_tenth"][3] < 1.0
+    assert sum(t["busy_share_by_tenth"]) * 190 == pytest.approx(1600, abs=1)
