@@ -1,7 +1,8 @@
 """The engine against mlx-lm on an accelerator (MLX's CUDA build or Metal).
 
-    python -m benchmarks.gpu                          # everything below (about 10 min on an H200)
-    python -m benchmarks.gpu --parts offline          # about 4 min
+    python -m benchmarks.gpu                          # everything below (about 15 min on an H100)
+    python -m benchmarks.gpu --variants default --rounds 3   # 17.7 min on an H100
+    python -m benchmarks.gpu --parts offline          # about 6 min
     python -m benchmarks.gpu --parts online --out DIR # three server starts a shape
 
 For each model shape (random bf16 weights, written here): mlx-lm's plain decode
@@ -27,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.overhead import PART, STEP_LINE
+from benchmarks.overhead import STEP_LINE, step_ms, step_parts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"qwen3-0.6b": ("qwen3", (1, 8, 32)), "llama-3-8b": ("llama", (1, 8, 12)),
@@ -183,8 +184,8 @@ def step_timings(log: Path, batch: int) -> dict:
     for match in STEP_LINE.finditer(log.read_text(errors="replace")):
         if int(match["reqs"]) != batch or int(match["tokens"]) != batch:
             continue
-        for part in PART.finditer(match["parts"]):
-            parts.setdefault(part["name"], []).append(float(part["ms"]))
+        for name, ms in step_parts(match).items():
+            parts.setdefault(name, []).append(ms)
     return {name: round(statistics.median(v), 2) for name, v in parts.items()}
 
 
@@ -199,8 +200,8 @@ def slowest_step(log_text: str) -> dict | None:
     launch, shows in the step that pays it)."""
     slowest = None
     for match in STEP_LINE.finditer(log_text):
-        parts = {part["name"]: float(part["ms"]) for part in PART.finditer(match["parts"])}
-        total = sum(parts.values())
+        parts = step_parts(match)
+        total = step_ms(parts)
         if slowest is None or total > slowest["ms"]:
             slowest = {"reqs": int(match["reqs"]), "tokens": int(match["tokens"]),
                        "ms": round(total, 2), "parts": parts}
