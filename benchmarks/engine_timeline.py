@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.device_profile import DEVICE_CATEGORIES, batch_parser, write_results
-from benchmarks.overhead import PART, STEP_LINE
+from benchmarks.overhead import STEP_LINE, step_ms, step_parts
 
 TENTHS = 10
 TOP_GAPS = 8
@@ -73,7 +73,7 @@ def step_pattern(log_text: str) -> dict:
     """The generate's steps from VLLM_METAL_DEBUG's lines: how many, and the first
     ones as requests/tokens/forwards with their host ms (how the requests arrived)."""
     steps = [(int(m["reqs"]), int(m["tokens"]), int(m["forwards"] or 1),
-              round(sum(float(p["ms"]) for p in PART.finditer(m["parts"])), 2))
+              round(step_ms(step_parts(m)), 2))
              for m in STEP_LINE.finditer(log_text)]
     return {"steps": len(steps),
             "first_steps": [f"{r}r/{t}t/{f}f {ms}ms" for r, t, f, ms in steps[:FIRST_STEPS]],

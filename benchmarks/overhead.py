@@ -23,20 +23,33 @@ from pathlib import Path
 STEP_LINE = re.compile(
     r"step(?: \((?:sync|async)\))?: (?P<reqs>\d+) reqs, (?P<tokens>\d+) tokens(?:, (?P<forwards>\d+) forwards?)? \| (?P<parts>[^\n]*)")
 PART = re.compile(r"(?P<name>[a-z][a-z ]*?) (?P<ms>[\d.]+) ms")
+# Parts a step line names that another part already holds: "forward issue" is the
+# graph's building and its issue together.
+INSIDE_OTHERS = ("build",)
+
+
+def step_parts(match: re.Match) -> dict[str, float]:
+    """A step line's parts (ms) by name."""
+    return {m["name"]: float(m["ms"]) for m in PART.finditer(match["parts"])}
+
+
+def step_ms(parts: dict[str, float]) -> float:
+    """The runner's time for a step: its parts, each counted once."""
+    return sum(ms for name, ms in parts.items() if name not in INSIDE_OTHERS)
 
 
 def decode_steps(log_text: str) -> list[dict[str, float]]:
     """The one-request, one-token steps in a debug log: each part's ms (0 where
-    the line has none), with ``issue`` = build + forward issue and ``wait`` =
-    forward wait + wait last."""
+    the line has none), with ``issue`` = forward issue (the graph's building
+    included) and ``wait`` = forward wait + wait last."""
     steps = []
     for match in STEP_LINE.finditer(log_text):
         if match["reqs"] != "1" or match["tokens"] != "1":
             continue
-        parts = {m["name"]: float(m["ms"]) for m in PART.finditer(match["parts"])}
+        parts = step_parts(match)
         steps.append({
             "prepare": parts.get("prepare", 0.0),
-            "issue": parts.get("build", 0.0) + parts.get("forward issue", 0.0),
+            "issue": parts.get("forward issue", 0.0),
             "wait": parts.get("forward wait", 0.0) + parts.get("wait last", 0.0),
             "sample": parts.get("sample", 0.0),
         })

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.gpu import SHAPES, output_to, prompts, stop, write_model
-from benchmarks.overhead import PART, STEP_LINE
+from benchmarks.overhead import STEP_LINE, step_ms, step_parts
 
 LOG_LINES = {"warm_up": r"Warm-up \(.*\) took ([\d.]+) s",
              "decode_steps": r"Decode steps traced and run for (.*)",
@@ -32,7 +32,7 @@ def slowest_steps(log_text: str, count: int = 3) -> list[str]:
     as "N reqs, T tokens, F forwards: X ms"."""
     steps = []
     for match in STEP_LINE.finditer(log_text):
-        ms = sum(float(m["ms"]) for m in PART.finditer(match["parts"]))
+        ms = step_ms(step_parts(match))
         forwards = int(match["forwards"] or 1)
         steps.append((ms, f"{match['reqs']} reqs, {match['tokens']} tokens, {forwards} forward"
                           + ("s" if forwards > 1 else "")))

@@ -390,7 +390,8 @@ class MetalModelRunner:
     def _log_step(self, state: StepState, async_step: bool) -> None:
         """VLLM_METAL_DEBUG's line per step. ``build``: the host's graph building;
         ``wait last``: waiting for the step in flight (asynchronous scheduling);
-        ``forward issue``: host time to build and issue this step's forward;
+        ``forward issue``: host time to build and issue this step's forward (``build``
+        included);
         ``forward wait``: waiting for it (synchronous steps only)."""
         timings = ", ".join(f"{name.replace('_', ' ')} {value * 1e3:.2f} ms"
                             for name, value in state.timings.items())
