@@ -98,9 +98,22 @@ def profiled_generate(llm, batch_prompts, log: Path) -> tuple[float, dict]:
     return tok_s, timeline(events, mark["ts"], mark["ts"] + mark["dur"])
 
 
-def measure(model_dir: str, batches: list[int], out: Path | None) -> list[dict]:
+def ms_a_step(batch: int, tok_s: float) -> float:
+    """A generate's wall ms per step (each step gives ``batch`` tokens) at ``tok_s``."""
+    return 1e3 * batch / tok_s
+
+
+def device_ms_a_step(result: dict) -> float | None:
+    """The device's busy ms per step of the profiled generate (None without CUDA)."""
+    busy = result["timeline"].get("busy_ms")
+    return None if busy is None else busy / result["profiled_steps"]["steps"]
+
+
+def measure(model_dir: str, batches: list[int], out: Path | None,
+            engines: tuple[str, ...] = ("in_process", "default")) -> list[dict]:
     """Per batch size: the in-process engine's tok/s and its profiled generate, then
-    the default engine's tok/s (one engine of each kind for all batches, one at a time)."""
+    the default engine's tok/s (one engine of each kind for all batches, one at a time;
+    ``engines`` picks them)."""
     import gc
 
     import mlx.core as mx
@@ -112,7 +125,8 @@ def measure(model_dir: str, batches: list[int], out: Path | None) -> list[dict]:
     results = {batch: {"batch": batch} for batch in batches}
     vocab = json.loads(Path(model_dir, "config.json").read_text())["vocab_size"]
     seeds = itertools.count(10**6)  # fresh prompts each run: no prefix-cache hits
-    for name, in_process in (("in_process", True), ("default", False)):
+    for name in engines:
+        in_process = name == "in_process"
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         log = logs / f"engine-timeline-{name}.log"
         llm = gpu.start_plugin(Path(model_dir), max(batches), {}, log)

@@ -1,7 +1,7 @@
 """The engine against mlx-lm on an accelerator (MLX's CUDA build or Metal).
 
     python -m benchmarks.gpu                          # everything below (about 15 min on an H100)
-    python -m benchmarks.gpu --variants default --rounds 3   # 17.7 min on an H100
+    python -m benchmarks.gpu --variants default --rounds 3   # about 20 min on an H100
     python -m benchmarks.gpu --parts offline          # about 6 min
     python -m benchmarks.gpu --parts online --out DIR # three server starts a shape
 
@@ -12,7 +12,9 @@ off and with ``--enforce-eager`` as well (each feature's share); the bandwidth l
 measured copy rate); the plugin's host time per step from VLLM_METAL_DEBUG's
 step lines. Then, for each shape, ``vllm serve`` against ``mlx_lm.server`` through
 ``vllm bench serve`` at several concurrencies, each after as many unmeasured
-requests as clients (mlx_lm.server, vllm serve, mlx_lm.server again). Writes ``benchmarks/results/gpu.md``,
+requests as clients (mlx_lm.server, vllm serve, mlx_lm.server again). Last, at batch 1, the
+device's busy time a step during one profiled generate against the engine's
+(``benchmarks.engine_timeline``). Writes ``benchmarks/results/gpu.md``,
 ``gpu.json`` and ``gpu.png``.
 """
 
@@ -374,6 +376,29 @@ def online(shape: str, model_dir: Path, logs: Path) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------- timeline
+
+def timeline(shape: str, model_dir: Path, logs: Path, offline_rows: list[dict]) -> list[dict]:
+    """At batch 1: the device's busy time a step during one profiled generate
+    (``benchmarks.engine_timeline``, the engine core in this process) against the
+    engine's own ms a step, its unprofiled runs' and this run's offline part's."""
+    from benchmarks import engine_timeline
+
+    (result,) = engine_timeline.measure(str(model_dir), [1], logs / f"timeline-{shape}",
+                                        engines=("in_process",))
+    device = engine_timeline.device_ms_a_step(result)
+    engine = statistics.median(engine_timeline.ms_a_step(1, t) for t in result["in_process_tok_s"])
+    offline_tok_s = next((r["plugin"] for r in offline_rows
+                          if r["shape"] == shape and r["batch"] == 1), None)
+    row = {"shape": shape, "batch": 1, "device_ms": device, "engine_ms": engine,
+           "offline_ms": offline_tok_s and engine_timeline.ms_a_step(1, offline_tok_s),
+           "timeline": result["timeline"]}
+    for key in ("engine", "offline"):
+        if device and row[f"{key}_ms"]:
+            row[f"{key}_above_device"] = row[f"{key}_ms"] / device - 1
+    return [{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}]
+
+
 # ---------------------------------------------------------------- report
 
 def fmt(value, digits=0) -> str:
@@ -431,6 +456,17 @@ def report(result: dict) -> str:
                 parts = ", ".join(f"{k} {v}" for k, v in step["parts"].items())
                 lines.append(f"| {r['shape']} | {r['batch']} | {name} | {step['reqs']} | "
                              f"{step['tokens']} | {step['ms']} | {parts} |")
+    if result.get("timeline"):
+        lines += ["", "## The step against the device's own time (batch 1; `benchmarks.engine_timeline`: "
+                  "the device's busy time during one profiled generate, the engine core in this process)",
+                  "", "| shape | device ms a step | engine ms a step (unprofiled runs) | above the device | "
+                  "offline part's ms a step | above the device |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in result["timeline"]:
+            above = {k: (f"{100 * r[k]:.1f}%" if k in r else "-")
+                     for k in ("engine_above_device", "offline_above_device")}
+            lines.append(f"| {r['shape']} | {fmt(r['device_ms'], 2)} | {fmt(r['engine_ms'], 2)} | "
+                         f"{above['engine_above_device']} | {fmt(r['offline_ms'], 2)} | "
+                         f"{above['offline_above_device']} |")
     if result.get("online"):
         lines += ["", "## Online, `vllm bench serve` against each server (output tok/s; "
                   "mlx_lm.server, vllm serve, mlx_lm.server again; each concurrency after an "
@@ -474,8 +510,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES),
                         default=["qwen3-0.6b", "llama-3-8b"])
-    parser.add_argument("--parts", nargs="+", choices=("offline", "online"),
-                        default=["offline", "online"])
+    parser.add_argument("--parts", nargs="+", choices=("offline", "online", "timeline"),
+                        default=["offline", "online", "timeline"])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         help="engine variants beside the default (given: for every shape; "
                              "else sync and eager for the small shapes)")
@@ -499,7 +535,7 @@ def main() -> None:
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     result = {"device": info.get("device_name", str(mx.default_device())), "mlx": mx.__version__,
               "copy_gb_s": copy_rate_gb_s(), "read_gb_s": read_rate_gb_s(), "rounds": args.rounds,
-              "offline": [], "online": []}
+              "offline": [], "online": [], "timeline": []}
     result["rate_gb_s"] = max(result["copy_gb_s"], result["read_gb_s"])
     for shape in args.shapes:
         model_dir = write_model(shape, args.models)
@@ -510,6 +546,9 @@ def main() -> None:
             save(result, args.out, started)  # a run cut short keeps what it measured
         if "online" in args.parts:
             result["online"] += online(shape, model_dir, logs)
+            save(result, args.out, started)
+        if "timeline" in args.parts:
+            result["timeline"] += timeline(shape, model_dir, logs, result["offline"])
             save(result, args.out, started)
     save(result, args.out, started)
     print(report(result))

@@ -336,3 +336,29 @@ def test_engine_timeline_splits_the_call_into_busy_and_idle_device_time():
     assert t["busy_share_by_tenth"][0] == 1.0 and t["busy_share_by_tenth"][-1] == 1.0
     assert t["busy_share_by_tenth"][3] < 1.0
     assert sum(t["busy_share_by_tenth"]) * 190 == pytest.approx(1600, abs=1)
+
+
+def test_gpu_benchmarks_timeline_part_sets_the_engines_step_beside_the_devices(tmp_path):
+    """``--parts offline timeline``: at batch 1, the engine's ms a step from its unprofiled
+    runs and from the offline part, beside the device's busy time a step (none recorded
+    without CUDA, and then no share above it)."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--shapes", "tiny", "--parts",
+                           "offline", "timeline", "--batches", "1", "--variants", "default",
+                           "--models", str(tmp_path / "models"), "--out", str(tmp_path)],
+                          cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    (row,) = result["timeline"]
+    (offline,) = result["offline"]
+    assert row["shape"] == "tiny" and row["batch"] == 1
+    assert row["offline_ms"] == pytest.approx(1e3 / offline["plugin"], rel=1e-3)
+    assert 0 < row["engine_ms"] < 1e3
+    if row["device_ms"] is None:
+        assert "no device activity" in row["timeline"]["note"]
+        assert "engine_above_device" not in row
+    else:
+        assert row["engine_above_device"] == pytest.approx(row["engine_ms"] / row["device_ms"] - 1,
+                                                           abs=1e-3)
+    (line,) = table_rows((tmp_path / "gpu.md").read_text(), "The step against the device")
+    assert line[0] == "tiny" and float(line[2]) == pytest.approx(row["engine_ms"], abs=0.01)
