@@ -362,3 +362,38 @@ def test_gpu_benchmarks_timeline_part_sets_the_engines_step_beside_the_devices(t
                                                            abs=1e-3)
     (line,) = table_rows((tmp_path / "gpu.md").read_text(), "The step against the device")
     assert line[0] == "tiny" and float(line[2]) == pytest.approx(row["engine_ms"], abs=0.01)
+
+
+def test_commit_ab_runs_an_earlier_commits_plugin_beside_this_one(tiny_model, tmp_path):
+    """Each engine is a worker process of this checkout's harness; REF's engine imports
+    REF's own plugin (its tree checked out aside), a variant this checkout's with its
+    settings; rounds alternate and every engine has one figure per round."""
+    model = tiny_model("qwen3", num_hidden_layers=2)
+    try:
+        done = subprocess.run([sys.executable, "-m", "benchmarks.commit_ab", "HEAD~1", "--rounds",
+                               "2", "--tokens", "8", "--model", model, "--trees",
+                               str(tmp_path / "trees"), "--variant",
+                               "inline:VLLM_METAL_RUNNER_THREAD=0", "--out", str(tmp_path)],
+                              cwd=REPO, capture_output=True, text=True, timeout=900)
+        check_commit_ab(done, tmp_path)
+    finally:
+        for tree in (tmp_path / "trees").glob("*"):
+            if not tree.name.endswith("-plugin"):
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO,
+                               capture_output=True)
+
+
+def check_commit_ab(done: subprocess.CompletedProcess, tmp_path: Path) -> None:
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "commit_ab.json").read_text())
+    assert [r["engine"] for r in rows] == ["HEAD~1", "this checkout", "inline"]
+    assert all(len(r["decode_tok_s"]) == 2 and r["itl_p50_ms"] > 0 for r in rows)
+    assert rows[0]["vs_HEAD~1"] == 1.0
+    plugin = next((tmp_path / "trees").glob("*-plugin")) / "vllm_metal"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD~1"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip()
+    assert plugin.resolve() == (tmp_path / "trees" / commit / "vllm_metal").resolve()
+    probe = subprocess.run([sys.executable, "-c", "import vllm_metal; print(vllm_metal.__file__)"],
+                           cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(plugin.parent)),
+                           capture_output=True, text=True)
+    assert str(tmp_path / "trees") in probe.stdout
