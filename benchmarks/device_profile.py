@@ -150,13 +150,15 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name, dict(pairs)
 
 
-def batch_parser(doc: str, steps: int, variants: bool = False) -> argparse.ArgumentParser:
+def batch_parser(doc: str, steps: int | None, variants: bool = False) -> argparse.ArgumentParser:
     """The arguments of a benchmark that times decode steps of a model per batch size
-    (``variants``: and of the compiled step traced with other settings)."""
+    (``steps``: how many by default, None for a benchmark that takes no such number;
+    ``variants``: and of the compiled step traced with other settings)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--steps", type=int, default=steps)
+    if steps is not None:
+        parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--out", type=Path, default=None)
     if variants:
         parser.add_argument("--variants", nargs="*", type=parse_variant, default=[],

@@ -178,7 +178,7 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     from vllm_metal.device import select_device
 
-    args = batch_parser(__doc__, steps=0).parse_args()
+    args = batch_parser(__doc__, steps=None).parse_args()  # a generate's own steps
     select_device()
     results = measure(args.model, args.batch, args.out)
     print(table(results))

@@ -397,3 +397,10 @@ def check_commit_ab(done: subprocess.CompletedProcess, tmp_path: Path) -> None:
                            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(plugin.parent)),
                            capture_output=True, text=True)
     assert str(tmp_path / "trees") in probe.stdout
+
+
+def test_engine_timeline_refuses_a_step_count_it_would_not_use():
+    """A generate sets its own steps: ``--steps`` is refused, not silently ignored."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.engine_timeline", "MODEL", "--steps", "3"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unrecognized arguments: --steps 3" in done.stderr
